@@ -1,0 +1,233 @@
+"""The config schema: defaults, validation and every derived size, computed in one place.
+
+Every tool takes `--config=configs/X.py` (a file whose `get_config()` returns a ConfigDict built on
+`default_config()`) plus `--config.a.b=value` overrides. The defaults are nanochat's launch d20 recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+# Peak dense bf16 FLOP/s per device, for MFU. Keys are matched as substrings of `device.device_kind`.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v3": 123e12,
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_name = "base_d20"
+    c.run_dir = ""  # "" -> $NANOJAX_HOME/runs/<run_name>
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    m = c.model
+    m.depth = 20
+    m.aspect_ratio = 64  # width = aspect_ratio * depth (nanochat launch)
+    m.head_dim = 128
+    m.width = -1  # -1: derived
+    m.n_head = -1  # -1: ceil(width / head_dim)
+    m.n_kv_head = -1  # -1: n_head (no grouping)
+    m.vocab_size = 65536
+    m.seq_len = 2048
+    m.rope_base = 10000.0
+    m.softcap = 15.0
+    m.mlp_ratio = 4
+    m.scan_layers = True  # nnx.scan over stacked layers (False: a Python loop, same numbers)
+    m.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    m.attention_impl = "auto"  # auto | xla | cudnn
+    m.compute_dtype = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
+    m.param_dtype = "float32"
+    m.loss_chunk_size = 1024  # rows of B*T per chunk: logits are never materialised for the whole batch
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: the rest of the devices
+    c.mesh.tensor = 1
+
+    c.train = ml_collections.ConfigDict()
+    t = c.train
+    t.total_batch_size = 524_288  # tokens per optimizer step
+    t.device_batch_size = 32  # rows per device per micro-step
+    t.num_iterations = -1  # -1: from target_param_data_ratio
+    t.target_param_data_ratio = 20.0
+    t.warmup_ratio = 0.0
+    t.warmdown_ratio = 0.2
+    t.final_lr_frac = 0.0
+    t.grad_clip = 1.0  # global norm; 0 disables
+    t.log_every = 10
+    t.eval_every = 250  # steps; 0 disables
+    t.eval_tokens = 20 * 524_288
+    t.checkpoint_every = 1000  # steps; 0: only the final checkpoint (and on SIGTERM)
+    t.max_to_keep = 2
+    t.async_checkpointing = True
+    t.init_from = ""  # run dir or checkpoint dir: load parameters only (next stage)
+    t.init_from_step = -1  # -1: latest
+    t.init_optimizer_state = False  # also load the optimizer state from init_from
+    t.stop_after_steps = -1  # stop (with a checkpoint) after this many steps of this process; for tests
+
+    c.optim = ml_collections.ConfigDict()
+    o = c.optim
+    o.embedding_lr = 0.2
+    o.unembedding_lr = 0.004
+    o.matrix_lr = 0.02
+    o.lr_scale = 1.0  # multiplies every group's LR (SFT uses 0.02)
+    o.scale_lr_by_width = True  # AdamW LRs x (width/768)^-0.5, as nanochat
+    o.adam_b1 = 0.8
+    o.adam_b2 = 0.95
+    o.adam_eps = 1e-10
+    o.weight_decay = 0.0
+    o.muon_momentum_start = 0.85
+    o.muon_momentum_end = 0.95
+    o.muon_momentum_warmup_steps = 300
+    o.ns_steps = 5
+    o.ns_coeffs = (3.4445, -4.7750, 2.0315)
+    o.ns_dtype = "bfloat16"
+
+    c.data = ml_collections.ConfigDict()
+    d = c.data
+    d.kind = "synthetic"  # synthetic | fineweb | chat
+    d.path = ""  # shard directory ("" -> $NANOJAX_HOME/data/fineweb)
+    d.tokenizer_dir = ""  # "" -> $NANOJAX_HOME/tokenizer
+    d.seed = 0
+    d.read_threads = 2
+    d.prefetch = 2
+    c.lock()  # unknown keys fail, naming the key
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Sizes that follow from the config and the device count; printed at start-up."""
+
+    num_params: int
+    num_embedding_params: int
+    flops_per_token: float
+    num_devices: int
+    data_parallel: int
+    grad_accum_steps: int
+    global_micro_batch: int  # rows per micro-step across all devices
+    num_iterations: int
+    total_tokens: int
+
+    def summary(self) -> str:
+        return "\n".join(
+            [
+                f"parameters:        {self.num_params:,} ({self.num_embedding_params:,} in the embedding)",
+                f"FLOPs per token:   {self.flops_per_token:.4e}",
+                f"devices:           {self.num_devices} (data-parallel {self.data_parallel})",
+                f"micro-batch:       {self.global_micro_batch} rows, grad accumulation {self.grad_accum_steps}",
+                f"iterations:        {self.num_iterations:,}",
+                f"training tokens:   {self.total_tokens:,}",
+                f"total FLOPs:       {self.flops_per_token * self.total_tokens:.4e}",
+            ]
+        )
+
+
+def fill_model_sizes(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Depth drives size (nanochat launch): width = 64·depth, heads of 128, ceil(width/128) of them."""
+    with m.unlocked():
+        if m.width <= 0:
+            m.width = m.aspect_ratio * m.depth
+        if m.n_head <= 0:
+            m.n_head = math.ceil(m.width / m.head_dim)
+        if m.n_kv_head <= 0:
+            m.n_kv_head = m.n_head
+    if m.n_head % m.n_kv_head:
+        raise ValueError(f"model.n_head={m.n_head} must be a multiple of model.n_kv_head={m.n_kv_head}")
+    if m.remat not in ("none", "full", "dots"):
+        raise ValueError(f"model.remat={m.remat!r}: expected one of none, full, dots")
+    return m
+
+
+def count_params(m: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(total, embedding) parameter counts, from the shapes alone."""
+    d, L, V = m.width, m.depth, m.vocab_size
+    q = m.n_head * m.head_dim
+    kv = m.n_kv_head * m.head_dim
+    attn = d * q + 2 * d * kv + q * d
+    mlp = 2 * d * m.mlp_ratio * d
+    embedding = V * d
+    return embedding + L * (attn + mlp) + d * V, embedding
+
+
+def flops_per_token(m: ml_collections.ConfigDict) -> float:
+    """nanochat's estimate: 6·(params − embedding) + 12·L·H·Q·T (attention scores and values)."""
+    total, embedding = count_params(m)
+    return 6 * (total - embedding) + 12 * m.depth * m.n_head * m.head_dim * m.seq_len
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor); one −1 entry takes the rest of the devices."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    unknown = [i for i, s in enumerate(sizes) if s == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+    if unknown:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices cannot be split with fixed axes of product {known} ({sizes})")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh: data×fsdp×tensor = {sizes[0]}×{sizes[1]}×{sizes[2]} = {math.prod(sizes)} "
+            f"but there are {num_devices} devices"
+        )
+    return tuple(sizes)
+
+
+def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
+    """Validate the config against the device count and compute everything that follows from it."""
+    m = fill_model_sizes(config.model)
+    t = config.train
+    data, fsdp, _ = mesh_shape(config.mesh, num_devices)
+    dp = data * fsdp
+    micro_rows = t.device_batch_size * dp
+    tokens_per_micro = micro_rows * m.seq_len
+    if t.total_batch_size % tokens_per_micro:
+        raise ValueError(
+            f"train.total_batch_size={t.total_batch_size:,} tokens is not divisible by device_batch_size "
+            f"{t.device_batch_size} × seq_len {m.seq_len} × data-parallel {dp} = {tokens_per_micro:,} tokens per "
+            f"micro-step; change one of them"
+        )
+    accum = t.total_batch_size // tokens_per_micro
+    total, embedding = count_params(m)
+    if t.num_iterations > 0:
+        iters = t.num_iterations
+    elif t.target_param_data_ratio > 0:
+        iters = int(t.target_param_data_ratio * total) // t.total_batch_size
+    else:
+        raise ValueError("set train.num_iterations > 0 or train.target_param_data_ratio > 0")
+    return Derived(
+        num_params=total,
+        num_embedding_params=embedding,
+        flops_per_token=flops_per_token(m),
+        num_devices=num_devices,
+        data_parallel=dp,
+        grad_accum_steps=accum,
+        global_micro_batch=micro_rows,
+        num_iterations=iters,
+        total_tokens=iters * t.total_batch_size,
+    )
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for key, value in PEAK_FLOPS.items():
+        if key.lower() in device_kind.lower():
+            return value
+    return None

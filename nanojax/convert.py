@@ -1,0 +1,169 @@
+"""nanochat (PyTorch) checkpoints <-> nanojax runs.
+
+    python -m nanojax.convert from-nanochat SRC_DIR --step N --out RUN_DIR
+    python -m nanojax.convert to-nanochat RUN_DIR [--step N] --out DST_DIR
+
+nanochat writes `model_{N:06d}.pt` (state dict, torch (out, in) Linear layout) and `meta_{N:06d}.json`
+(`model_config`: sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd). The mapping is a rename,
+a transpose of every Linear, and stacking the per-layer matrices on the `layers` axis. Reading or writing
+`.pt` files needs torch (`pip install torch`); the mapping itself is numpy only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+import numpy as np
+
+BLOCK_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def model_config_from_nanochat(meta_model_config: dict):
+    """nanojax `config.model` for a nanochat GPTConfig dict."""
+    from nanojax.config import default_config, fill_model_sizes
+
+    mc = meta_model_config
+    c = default_config()
+    m = c.model
+    m.depth = int(mc["n_layer"])
+    m.width = int(mc["n_embd"])
+    m.n_head = int(mc["n_head"])
+    m.n_kv_head = int(mc.get("n_kv_head", mc["n_head"]))
+    m.head_dim = int(mc["n_embd"]) // int(mc["n_head"])
+    m.vocab_size = int(mc["vocab_size"])
+    m.seq_len = int(mc["sequence_len"])
+    fill_model_sizes(m)
+    return c
+
+
+def nanochat_to_params(state_dict: dict[str, np.ndarray], depth: int) -> dict:
+    """nanochat state dict (numpy arrays) -> nanojax parameter tree as a nested dict."""
+    sd = {re.sub(r"^_orig_mod\.", "", k): np.asarray(v, np.float32) for k, v in state_dict.items()}
+    expected = {"transformer.wte.weight", "lm_head.weight"} | {
+        f"transformer.h.{i}.{name}.weight" for i in range(depth) for name in BLOCK_MATRICES
+    }
+    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or extra:
+        raise ValueError(f"nanochat state dict does not match a depth-{depth} launch GPT: missing {missing}, "
+                         f"unexpected {extra}")
+    blocks: dict = {"attn": {}, "mlp": {}}
+    for name in BLOCK_MATRICES:
+        group, layer = name.split(".")
+        stacked = np.stack([sd[f"transformer.h.{i}.{name}.weight"].T for i in range(depth)])
+        blocks[group][layer] = {"kernel": stacked}
+    return {"wte": sd["transformer.wte.weight"], "blocks": blocks, "lm_head": sd["lm_head.weight"].T}
+
+
+def params_to_nanochat(params: dict) -> dict[str, np.ndarray]:
+    """Inverse of `nanochat_to_params` (nested dict of arrays -> state dict in torch layout)."""
+    out = {"transformer.wte.weight": np.asarray(params["wte"]), "lm_head.weight": np.asarray(params["lm_head"]).T}
+    depth = np.asarray(params["blocks"]["attn"]["c_q"]["kernel"]).shape[0]
+    for name in BLOCK_MATRICES:
+        group, layer = name.split(".")
+        stacked = np.asarray(params["blocks"][group][layer]["kernel"])
+        for i in range(depth):
+            out[f"transformer.h.{i}.{name}.weight"] = stacked[i].T
+    return out
+
+
+def fill_state(model, pure: dict):
+    """Put a nested dict of arrays into an nnx model's Params (shapes checked)."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    want = nnx.to_pure_dict(state)
+    import jax
+
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves_with_path(pure)):
+        if tuple(np.shape(a)) != tuple(np.shape(b)):
+            raise ValueError(f"{jax.tree_util.keystr(path)}: converted shape {np.shape(b)} vs model {np.shape(a)}")
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), pure, want))
+    nnx.update(model, state)
+    return model
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit("reading/writing nanochat .pt files needs torch: pip install torch") from e
+    return torch
+
+
+def from_nanochat(src_dir: str, step: int, out_dir: str) -> str:
+    """Write a nanojax run directory (Orbax checkpoint at `step`, parameters only) from nanochat files."""
+    import jax
+    from flax import nnx
+
+    from nanojax.checkpoint import Checkpointer
+    from nanojax.model import GPT
+
+    torch = _torch()
+    src = pathlib.Path(src_dir)
+    model_path, meta_path = src / f"model_{step:06d}.pt", src / f"meta_{step:06d}.json"
+    for p in (model_path, meta_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found (nanochat writes model_{{step:06d}}.pt and meta_{{step:06d}}.json)")
+    meta = json.loads(meta_path.read_text())
+    config = model_config_from_nanochat(meta["model_config"])
+    with config.unlocked():
+        config.run_name = pathlib.Path(out_dir).name
+        config.run_dir = str(out_dir)
+    sd = torch.load(model_path, map_location="cpu", weights_only=True)
+    sd = {k: v.float().numpy() for k, v in sd.items()}
+    pure = nanochat_to_params(sd, config.model.depth)
+    model = fill_state(GPT(config.model, rngs=nnx.Rngs(0)), pure)
+    params = nnx.state(model, nnx.Param)
+    ckptr = Checkpointer(out_dir, max_to_keep=1, async_save=False)
+    ckptr.save(step, params, None, None, {
+        "step": step, "config": config.to_dict(), "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "init_from": {"path": str(src), "step": step, "format": "nanochat"}, "tokenizer_dir": None,
+    }, force=True)
+    ckptr.close()
+    return str(out_dir)
+
+
+def to_nanochat(run_dir: str, step: int | None, out_dir: str) -> str:
+    from flax import nnx
+
+    from nanojax.checkpoint import load_model
+
+    torch = _torch()
+    model, _, config = load_model(run_dir, step)
+    sd = params_to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    m = config.model
+    meta = {"step": step, "model_config": {"sequence_len": m.seq_len, "vocab_size": m.vocab_size,
+                                           "n_layer": m.depth, "n_head": m.n_head, "n_kv_head": m.n_kv_head,
+                                           "n_embd": m.width}}
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = step if step is not None else 0
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, out / f"model_{n:06d}.pt")
+    (out / f"meta_{n:06d}.json").write_text(json.dumps(meta, indent=2))
+    return str(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m nanojax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("from-nanochat", help="nanochat model_*.pt + meta_*.json -> nanojax run dir")
+    a.add_argument("src")
+    a.add_argument("--step", type=int, required=True)
+    a.add_argument("--out", required=True)
+    b = sub.add_parser("to-nanochat", help="nanojax run dir -> nanochat model_*.pt + meta_*.json")
+    b.add_argument("run_dir")
+    b.add_argument("--step", type=int, default=None)
+    b.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "from-nanochat":
+        print(from_nanochat(args.src, args.step, args.out))
+    else:
+        print(to_nanochat(args.run_dir, args.step, args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Data pipelines. Every iterator yields {"inputs", "targets"} int32 arrays of (this process's rows, T)
+and has get_state() -> JSON dict / set_state(dict) / close(), so the train loop can checkpoint it."""
+from __future__ import annotations
+
+
+def make_iterator(config, *, split: str, batch_size: int, process_index: int, process_count: int,
+                  tokenizer=None):
+    """The iterator named by `config.data.kind` for `split` ('train' or 'val')."""
+    kind = config.data.kind
+    if kind == "synthetic":
+        from nanojax.data.synthetic import SyntheticIterator
+
+        return SyntheticIterator(
+            batch_size=batch_size, seq_len=config.model.seq_len, vocab_size=config.model.vocab_size,
+            seed=config.data.seed, process_index=process_index, process_count=process_count, split=split,
+        )
+    raise ValueError(f"config.data.kind={kind!r} is not a known data pipeline (known: synthetic)")

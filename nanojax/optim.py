@@ -1,0 +1,186 @@
+"""nanochat's launch optimizer in Optax: Muon for every block matrix, AdamW for the embedding and lm_head.
+
+Groups are assigned from parameter paths with an exhaustive check, so a new parameter can never land in
+the wrong optimizer silently. Schedules (LR multiplier, Muon momentum) are functions of the step count kept
+in the optimizer state, so nothing recompiles as they change and a restored state continues exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# -- schedules ---------------------------------------------------------------------------------------
+
+
+def lr_multiplier(step, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float):
+    """nanochat base_train: linear warmup, constant, linear warmdown to `final_lr_frac` (step is 0-based)."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    step = jnp.asarray(step, jnp.float32)
+    ramp = (step + 1) / max(warmup, 1)
+    progress = (num_iterations - step) / max(warmdown, 1)
+    down = progress + (1 - progress) * final_lr_frac
+    out = jnp.where(step <= num_iterations - warmdown, 1.0, down)
+    return jnp.where(step < warmup, ramp, out)
+
+
+def muon_momentum(step, start: float, end: float, warmup_steps: int):
+    """Linear from `start` to `end` over the first `warmup_steps` steps, then held."""
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(warmup_steps, 1), 1.0)
+    return (1 - frac) * start + frac * end
+
+
+# -- Muon -------------------------------------------------------------------------------------------
+
+
+def newton_schulz(G: jax.Array, coeffs, steps: int, dtype) -> jax.Array:
+    """Quintic Newton–Schulz orthogonalisation over the last two axes (any leading batch axes).
+
+    Follows nanochat's `zeropower_via_newtonschulz5` step for step, on the torch (out, in) layout:
+    cast, transpose tall matrices, divide by the Frobenius norm + 1e-7, iterate X ← aX + (bA + cA²)X.
+    """
+    a, b, c = coeffs
+    X = G.astype(dtype)
+    tall = G.shape[-2] > G.shape[-1]
+    if tall:
+        X = jnp.swapaxes(X, -1, -2)
+    norm = jnp.sqrt(jnp.sum(jnp.square(X.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
+    X = X / (norm + 1e-7).astype(dtype)
+    for _ in range(steps):
+        A = X @ jnp.swapaxes(X, -1, -2)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if tall:
+        X = jnp.swapaxes(X, -1, -2)
+    return X
+
+
+class MuonState(NamedTuple):
+    count: jax.Array
+    momentum: Any
+
+
+def scale_by_muon(momentum_schedule, ns_coeffs, ns_steps: int, ns_dtype) -> optax.GradientTransformation:
+    """Nesterov momentum → Newton–Schulz → × √max(1, out/in); the learning rate is applied after.
+
+    Kernels are stored (in, out); the orthogonalisation runs on the transpose so that every operation,
+    including which side is "tall", is the one nanochat's (out, in) torch weights see.
+    """
+
+    def init_fn(params):
+        return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        beta = momentum_schedule(state.count)
+
+        def one(g, buf):
+            g = g.astype(jnp.float32)
+            buf = buf + (1 - beta) * (g - buf)  # buf.lerp_(g, 1 - beta)
+            g = g + beta * (buf - g)  # Nesterov: g.lerp_(buf, beta)
+            G_torch = jnp.swapaxes(g, -1, -2)  # (out, in)
+            O = newton_schulz(G_torch, ns_coeffs, ns_steps, ns_dtype)
+            scale = max(1.0, G_torch.shape[-2] / G_torch.shape[-1]) ** 0.5
+            return jnp.swapaxes(O, -1, -2).astype(jnp.float32) * scale, buf
+
+        pairs = jax.tree.map(one, updates, state.momentum)
+        is_pair = lambda x: isinstance(x, tuple) and len(x) == 2  # noqa: E731
+        new_updates = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+        new_momentum = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+        return new_updates, MuonState(optax.safe_increment(state.count), new_momentum)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# -- clipping ---------------------------------------------------------------------------------------
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+# -- parameter groups -------------------------------------------------------------------------------
+
+GROUPS = ("muon", "embedding", "unembedding")
+
+
+def path_name(path) -> str:
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        if key is not None and key != "value":
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def group_of(name: str, ndim: int) -> str:
+    if name == "wte":
+        return "embedding"
+    if name == "lm_head":
+        return "unembedding"
+    if name.startswith("blocks.") and ndim >= 2:
+        return "muon"
+    raise ValueError(f"parameter {name!r} (ndim {ndim}) belongs to no optimizer group; add it to optim.group_of")
+
+
+def param_labels(params):
+    return jax.tree_util.tree_map_with_path(lambda p, x: group_of(path_name(p), x.ndim), params)
+
+
+def build_optimizer(config, num_iterations: int) -> optax.GradientTransformation:
+    """The full optimizer: torch-style global-norm clip, then Muon / AdamW per group, with schedules."""
+    o, t, m = config.optim, config.train, config.model
+    width_scale = (m.width / 768) ** -0.5 if o.scale_lr_by_width else 1.0
+
+    def schedule(base_lr):
+        return lambda count: base_lr * o.lr_scale * lr_multiplier(
+            count, num_iterations, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac
+        )
+
+    def adamw(lr):
+        parts = [optax.scale_by_adam(b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps)]
+        if o.weight_decay:
+            parts.append(optax.add_decayed_weights(o.weight_decay))
+        parts.append(optax.scale_by_learning_rate(schedule(lr)))
+        return optax.chain(*parts)
+
+    muon = optax.chain(
+        scale_by_muon(
+            lambda c: muon_momentum(c, o.muon_momentum_start, o.muon_momentum_end, o.muon_momentum_warmup_steps),
+            tuple(o.ns_coeffs), o.ns_steps, jnp.dtype(o.ns_dtype),
+        ),
+        optax.scale_by_learning_rate(schedule(o.matrix_lr)),
+    )
+    groups = {
+        "muon": muon,
+        "embedding": adamw(o.embedding_lr * width_scale),
+        "unembedding": adamw(o.unembedding_lr * width_scale),
+    }
+    parts = []
+    if t.grad_clip and t.grad_clip > 0:
+        parts.append(clip_by_global_norm_torch(t.grad_clip))
+    parts.append(optax.multi_transform(groups, param_labels))
+    return optax.chain(*parts)
+
+
+def current_lrs(config, num_iterations: int, step: int) -> dict[str, float]:
+    """Each group's learning rate at `step` (for the log)."""
+    o, t, m = config.optim, config.train, config.model
+    mult = float(lr_multiplier(step, num_iterations, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac))
+    width_scale = (m.width / 768) ** -0.5 if o.scale_lr_by_width else 1.0
+    return {
+        "lr_matrix": o.matrix_lr * o.lr_scale * mult,
+        "lr_embedding": o.embedding_lr * width_scale * o.lr_scale * mult,
+        "lr_unembedding": o.unembedding_lr * width_scale * o.lr_scale * mult,
+    }

@@ -1,0 +1,110 @@
+"""Mesh construction and the one rules table that maps logical axis names onto mesh axes.
+
+Parameters are annotated with logical names in `model.py` (`embed`, `heads`, `mlp`, `vocab`, `layers`, …).
+Changing how a model is split is a change to `RULES` or to the mesh shape in the config, never to the model.
+A dimension that the mesh axes do not divide stays replicated rather than failing, so every config runs on
+every device count.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from nanojax.config import mesh_shape
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "layers": None,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "seq": None,
+}
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """Mesh ('data', 'fsdp', 'tensor') from the config; −1 takes the rest of the devices.
+
+    Axes are `Auto` (GSPMD propagation): the model code never has to name shardings of activations.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # odd topologies / fake CPU devices: plain order is fine
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for an array with these logical axes; undivisible or reused mesh axes stay replicated."""
+    rules = RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no entry in the sharding rules {sorted(rules)}")
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+    """NamedSharding for every leaf of an nnx.State whose Variables carry `out_sharding` logical names."""
+    from flax import nnx
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding") or (None,) * var.ndim
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh)))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def like_params(tree, abstract_params, default):
+    """Shardings for optimizer state: a leaf whose path ends with a parameter's path (and has its shape)
+    is sharded like that parameter (momenta, Adam moments); everything else (counters) gets `default`."""
+    by_path = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)
+    }
+
+    def one(path, leaf):
+        name = jax.tree_util.keystr(path)
+        for pname, p in by_path.items():
+            if name.endswith(pname) and tuple(leaf.shape) == tuple(p.shape):
+                return p.sharding
+        return default
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
+    """Batches split their row axis over data × fsdp; the rest replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = ("data", "fsdp")
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def describe(sharding) -> str:
+    spec = getattr(sharding, "spec", None)
+    return str(tuple(spec)) if spec is not None else str(sharding)
