@@ -149,8 +149,10 @@ def read_meta(path, step: int | None = None) -> tuple[dict, int]:
 
 
 def _shape_mismatches(abstract_params, stored_meta) -> list[str]:
-    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
-    have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored_meta)}
+    from nanojax.model import param_name
+
+    want = {param_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    have = {param_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored_meta)}
     problems = []
     for name in sorted(set(want) | set(have)):
         if name not in have:

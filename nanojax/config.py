@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: the rest of the devices
     c.mesh.tensor = 1
+    c.mesh.num_devices = -1  # -1: every device; N: the first N (e.g. a 1-device run on a bigger host)
 
     c.train = ml_collections.ConfigDict()
     t = c.train

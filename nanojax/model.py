@@ -17,6 +17,16 @@ from flax import nnx
 Dtype = jnp.dtype
 
 
+def param_name(path) -> str:
+    """'blocks.attn.c_q.kernel' for a jax key path into params (nnx.State or a plain nested dict)."""
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        if key is not None and key != "value":
+            parts.append(str(key))
+    return ".".join(parts)
+
+
 def resolve_dtype(name: str) -> Dtype:
     """'auto' is float32 on CPU (exact comparisons) and bfloat16 on accelerators."""
     if name == "auto":

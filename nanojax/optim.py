@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanojax.model import param_name
+
 # -- schedules ---------------------------------------------------------------------------------------
 
 
@@ -115,15 +117,6 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 GROUPS = ("muon", "embedding", "unembedding")
 
 
-def path_name(path) -> str:
-    parts = []
-    for k in path:
-        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-        if key is not None and key != "value":
-            parts.append(str(key))
-    return ".".join(parts)
-
-
 def group_of(name: str, ndim: int) -> str:
     if name == "wte":
         return "embedding"
@@ -135,7 +128,7 @@ def group_of(name: str, ndim: int) -> str:
 
 
 def param_labels(params):
-    return jax.tree_util.tree_map_with_path(lambda p, x: group_of(path_name(p), x.ndim), params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: group_of(param_name(p), x.ndim), params)
 
 
 def build_optimizer(config, num_iterations: int) -> optax.GradientTransformation:

@@ -109,7 +109,8 @@ class TrainState:
             grad_norm = optax.tree.norm(g)
             updates, opt_state = tx.update(g, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return params, opt_state, {"loss": s / denom, "grad_norm": grad_norm, "tokens": n}
+            metrics = {"loss": s / denom, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates), "tokens": n}
+            return params, opt_state, metrics
 
         rep = shd.replicated(self.mesh)
         self.train_step = jax.jit(
@@ -233,8 +234,13 @@ class _StopFlag:
 def run(config) -> dict:
     """Train (or resume) the run described by `config`; returns the final metrics."""
     setup_jax()
-    mesh = shd.make_mesh(config.mesh)
-    derived = cfglib.derive(config, jax.device_count())
+    devices = jax.devices()
+    if config.mesh.num_devices > 0:
+        if config.mesh.num_devices > len(devices):
+            raise ValueError(f"mesh.num_devices={config.mesh.num_devices} but only {len(devices)} devices exist")
+        devices = devices[: config.mesh.num_devices]
+    mesh = shd.make_mesh(config.mesh, devices)
+    derived = cfglib.derive(config, len(devices))
     run_dir = run_dir_of(config)
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
     os.makedirs(run_dir, exist_ok=True)
@@ -310,10 +316,11 @@ def run(config) -> dict:
         now = time.time()
         p_dt, clock["done"] = now - clock["done"], now
         loss = float(m["loss"])
-        if not math.isfinite(loss):
+        bad = [k for k in ("loss", "grad_norm", "update_norm") if not math.isfinite(float(m[k]))]
+        if bad:
             raise FloatingPointError(
-                f"non-finite loss {loss} at step {p_step}; stopping without saving (the last good checkpoint, "
-                f"step {ckptr.latest_step()}, is untouched)"
+                f"non-finite {', '.join(bad)} at step {p_step + 1} (loss {loss}); stopping without saving: the "
+                f"last good checkpoint (step {ckptr.latest_step()}) is untouched"
             )
         ema = loss if ema is None else ema_beta * ema + (1 - ema_beta) * loss
         dt_ema = p_dt if dt_ema is None else 0.9 * dt_ema + 0.1 * p_dt
@@ -325,7 +332,7 @@ def run(config) -> dict:
                                                     config.optim.muon_momentum_end,
                                                     config.optim.muon_momentum_warmup_steps))}
         if peak:
-            rec["mfu"] = derived.flops_per_token * tok_s / (peak * jax.device_count())
+            rec["mfu"] = derived.flops_per_token * tok_s / (peak * derived.num_devices)
         write(rec)
         last.update(rec)
         if (p_step + 1) % config.train.log_every == 0 or p_step == 0 or p_step + 1 == total_steps:
@@ -335,45 +342,47 @@ def run(config) -> dict:
                 f" | gnorm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu} | {p_dt * 1000:.0f} ms"
                 f" (data {p_wait * 1000:.0f} ms) | eta {eta / 60:.1f} min")
 
-    with _StopFlag() as stop:
-        while step < total_steps:
-            t_data = time.time()
-            micro = [next(it) for _ in range(accum)]
-            local = {k: np.stack([mb[k] for mb in micro]) for k in micro[0]}
-            batch = global_batch(local, state.batch_sharding, 1, derived.global_micro_batch)
-            wait = time.time() - t_data
-            params, opt_state, metrics = state.train_step(params, opt_state, batch)
-            if pending is not None:
-                report(*pending)
-            pending = (step, metrics, wait)
-            step += 1
-            steps_this_run += 1
-            if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
-                report(*pending)
-                pending = None
-                ev = evaluate(state, params, config, derived, tokenizer)
-                if ev:
-                    write({"step": step, **ev})
-                    last.update(ev)
-                    log(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                clock["done"] = time.time()
-            stop_now = stop.should_stop() or (0 < config.train.stop_after_steps <= steps_this_run)
-            if step == total_steps or stop_now or (
-                config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-            ):
-                if pending is not None:  # never checkpoint a state whose loss has not been checked
+    try:
+        with _StopFlag() as stop:
+            while step < total_steps:
+                t_data = time.time()
+                micro = [next(it) for _ in range(accum)]
+                local = {k: np.stack([mb[k] for mb in micro]) for k in micro[0]}
+                batch = global_batch(local, state.batch_sharding, 1, derived.global_micro_batch)
+                wait = time.time() - t_data
+                params, opt_state, metrics = state.train_step(params, opt_state, batch)
+                if pending is not None:
+                    report(*pending)
+                pending = (step, metrics, wait)
+                step += 1
+                steps_this_run += 1
+                if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
                     report(*pending)
                     pending = None
-                save(step, force=True)
-            if stop_now:
-                stopped_by_signal = stop.signum is not None
-                break
-        if pending is not None:
-            report(*pending)
-    ckptr.close()
-    it.close()
-    if metrics_file:
-        metrics_file.close()
+                    ev = evaluate(state, params, config, derived, tokenizer)
+                    if ev:
+                        write({"step": step, **ev})
+                        last.update(ev)
+                        log(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                    clock["done"] = time.time()
+                stop_now = stop.should_stop() or (0 < config.train.stop_after_steps <= steps_this_run)
+                if step == total_steps or stop_now or (
+                    config.train.checkpoint_every and step % config.train.checkpoint_every == 0
+                ):
+                    if pending is not None:  # never checkpoint a state whose loss has not been checked
+                        report(*pending)
+                        pending = None
+                    save(step, force=True)
+                if stop_now:
+                    stopped_by_signal = stop.signum is not None
+                    break
+            if pending is not None:
+                report(*pending)
+    finally:  # pending async saves of good checkpoints complete even when the run fails
+        ckptr.close()
+        it.close()
+        if metrics_file:
+            metrics_file.close()
     log(f"{'stopped' if step < total_steps else 'finished'} at step {step}; checkpoint in {ckptr.directory}/{step}")
     last["step"] = step
     last["stopped_by_signal"] = stopped_by_signal
