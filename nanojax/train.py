@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -27,9 +27,6 @@ from nanojax import sharding as shd
 from nanojax.data import make_iterator
 from nanojax.model import GPT
 from nanojax.optim import build_optimizer, current_lrs, muon_momentum
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-
 
 def log(*args):
     if jax.process_index() == 0:
@@ -49,6 +46,12 @@ def run_dir_of(config) -> str:
     return config.run_dir or str(paths.runs_dir() / config.run_name)
 
 
+def local_log_dir(run_dir: str, config) -> str:
+    """Where config.json and metrics.jsonl go: the run dir, or for a gs:// run (checkpoints in the bucket,
+    no appendable files there) $NANOJAX_HOME/runs/<run_name> on the host that logs."""
+    return str(paths.runs_dir() / config.run_name) if "://" in run_dir else run_dir
+
+
 # -- state construction -----------------------------------------------------------------------------
 
 
@@ -59,6 +62,7 @@ class TrainState:
         self.config, self.mesh, self.derived = config, mesh, derived
         abstract_model = nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(config.seed)))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        self.model_dtype = abstract_model.dtype
         self.param_shardings = shd.param_shardings(abstract_params, mesh)
         self.abstract_params = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, self.param_shardings
@@ -148,6 +152,18 @@ def global_batch(local_arrays: dict, sharding, global_rows_axis: int, global_row
         shape[global_rows_axis] = global_rows
         out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(shape))
     return out
+
+
+def stack_micro_batches(micro: list[dict]) -> dict:
+    """(accum, rows, T) arrays; micro-batches of different lengths (SFT buckets) are padded to the longest,
+    inputs with token 0 and targets with −1, which changes no loss."""
+    T = max(mb["inputs"].shape[1] for mb in micro)
+    fill = {"inputs": 0, "targets": -1}
+
+    def pad(a, k):
+        return np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=fill.get(k, 0)) if a.shape[1] < T else a
+
+    return {k: np.stack([pad(mb[k], k) for mb in micro]) for k in micro[0]}
 
 
 def load_tokenizer(config):
@@ -243,9 +259,10 @@ def run(config) -> dict:
     derived = cfglib.derive(config, len(devices))
     run_dir = run_dir_of(config)
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
-    os.makedirs(run_dir, exist_ok=True)
+    log_dir = local_log_dir(run_dir, config)
     if jax.process_index() == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     tokenizer = load_tokenizer(config)
@@ -293,7 +310,7 @@ def run(config) -> dict:
     def save(at_step, force=False):
         ckptr.save(at_step, params, opt_state, it.get_state(), meta(at_step), force=force)
 
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+    metrics_file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
 
     def write(record):
         if metrics_file:
@@ -346,8 +363,7 @@ def run(config) -> dict:
         with _StopFlag() as stop:
             while step < total_steps:
                 t_data = time.time()
-                micro = [next(it) for _ in range(accum)]
-                local = {k: np.stack([mb[k] for mb in micro]) for k in micro[0]}
+                local = stack_micro_batches([next(it) for _ in range(accum)])
                 batch = global_batch(local, state.batch_sharding, 1, derived.global_micro_batch)
                 wait = time.time() - t_data
                 params, opt_state, metrics = state.train_step(params, opt_state, batch)
@@ -392,14 +408,16 @@ def run(config) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
+    if flags.FLAGS.config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
     try:
-        run(_CONFIG.value)
+        run(flags.FLAGS.config)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    # defined here, not at import, so other tools can import this module and define their own --config
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
     app.run(main)

@@ -1,0 +1,1 @@
+"""Benchmarks run by `python -m nanojax.bench` (one module per subject)."""
