@@ -2,6 +2,7 @@
 
 depth 4 -> width 256, 2 heads of 128; vocab 8,192; context 256; 8,192 tokens per step.
 """
+from nanojax import paths
 from nanojax.config import default_config
 
 
@@ -20,4 +21,6 @@ def get_config():
     c.train.eval_tokens = 16 * 8192
     c.train.checkpoint_every = 50
     c.data.kind = "fineweb"
+    c.data.num_shards = 1  # shard 0 + the validation shard (~200 MB)
+    c.data.tokenizer_dir = str(paths.home() / "tokenizer-8k")  # keeps the d20 tokenizer's place free
     return c

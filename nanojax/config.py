@@ -100,12 +100,23 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     d = c.data
-    d.kind = "synthetic"  # synthetic | fineweb | chat
+    d.kind = "synthetic"  # synthetic | fineweb | chat (SFT) | mid (midtraining)
     d.path = ""  # shard directory ("" -> $NANOJAX_HOME/data/fineweb)
     d.tokenizer_dir = ""  # "" -> $NANOJAX_HOME/tokenizer
     d.seed = 0
-    d.read_threads = 2
-    d.prefetch = 2
+    d.num_shards = -1  # -1: every shard in data.path; N: shards 0..N-1 (+ the validation shard), fetched if missing
+    d.read_threads = 2  # row groups read + tokenized at once
+    d.tokenizer_threads = 2  # tiktoken threads (more than the host's cores only slows it down)
+    d.prefetch = 2  # batches kept ready by a background thread
+    d.worker_count = 0  # grain worker processes (0: threads only, fastest on small hosts)
+    d.shuffle = True  # shuffle training row groups (per epoch, seeded)
+    # conversation stages (kind chat = SFT, mid = midtraining; see nanojax/data/chat.py)
+    d.train_tasks = ""  # task mixture, e.g. "smoltalk:train, mmlu/auxiliary_train:train, gsm8k/main:train"
+    d.val_tasks = ""  # e.g. "smoltalk:test"
+    d.task_sources = ""  # local data instead of the HF hub: "gsm8k=/data/gsm8k, smoltalk=/data/smoltalk"
+    d.mixture_seed = 42  # TaskMixture shuffle (nanochat: 42)
+    d.skip_bad_rows = False  # True: skip (and count) conversations that break the format instead of failing
+    d.pad_lengths = ""  # SFT row lengths, "a,b,...": "" = powers of two from 64 up to seq_len, plus seq_len
     c.lock()  # unknown keys fail, naming the key
     return c
 

@@ -101,6 +101,9 @@ def main(argv=None):
     ap.add_argument("--step", type=int, default=None, help="default: the latest")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns about per-item metadata files it never wrote
     try:
         info = inspect_checkpoint(args.path, args.step)
     except (FileNotFoundError, ValueError) as e:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -410,6 +411,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
+    if not flags.FLAGS["verbosity"].present:  # Orbax/JAX INFO lines would drown the step log
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         run(flags.FLAGS.config)
     except FloatingPointError as e:

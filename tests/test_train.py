@@ -170,3 +170,14 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"resumed from {run_dir}/checkpoints/{step}" in out.stdout
     assert f"finished at step {step + 2}" in out.stdout
+
+
+def test_micro_batches_of_different_lengths_are_padded_without_changing_the_loss():
+    from nanojax.train import stack_micro_batches
+
+    a = {"inputs": np.ones((2, 4), np.int32), "targets": np.ones((2, 4), np.int32)}
+    b = {"inputs": np.ones((2, 6), np.int32), "targets": np.ones((2, 6), np.int32)}
+    out = stack_micro_batches([a, b])
+    assert out["inputs"].shape == (2, 2, 6)
+    assert (out["targets"][0, :, 4:] == -1).all() and (out["inputs"][0, :, 4:] == 0).all()
+    assert (out["targets"][1] == 1).all()

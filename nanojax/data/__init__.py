@@ -14,4 +14,15 @@ def make_iterator(config, *, split: str, batch_size: int, process_index: int, pr
             batch_size=batch_size, seq_len=config.model.seq_len, vocab_size=config.model.vocab_size,
             seed=config.data.seed, process_index=process_index, process_count=process_count, split=split,
         )
-    raise ValueError(f"config.data.kind={kind!r} is not a known data pipeline (known: synthetic)")
+    if kind in ("chat", "mid"):
+        from nanojax.data.chat import make_chat_iterator_from_config
+
+        return make_chat_iterator_from_config(config, split=split, batch_size=batch_size,
+                                              process_index=process_index, process_count=process_count,
+                                              tokenizer=tokenizer)
+    if kind == "fineweb":
+        from nanojax.data.pretrain import make_iterator_from_config
+
+        return make_iterator_from_config(config, split=split, batch_size=batch_size, process_index=process_index,
+                                         process_count=process_count, tokenizer=tokenizer)
+    raise ValueError(f"config.data.kind={kind!r} is not a known data pipeline (known: synthetic, fineweb)")

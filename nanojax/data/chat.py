@@ -1,0 +1,436 @@
+"""Conversation pipelines for midtraining (`data.kind="mid"`) and SFT (`data.kind="chat"`).
+
+Both read a task mixture (`data.train_tasks` / `data.val_tasks`, e.g. "smoltalk:train, mmlu/auxiliary_train:train,
+gsm8k/main:train"; syntax in `nanojax.tasks.common.parse_mixture`), shuffled once as nanochat's TaskMixture
+(seed `data.mixture_seed`=42), render each conversation with `Tokenizer.render_conversation` and give
+{"inputs", "targets"} int32 arrays of (this process's rows, T). Process p of P takes conversations p, p+P,
+p+2P, ... of the mixture (nanochat's `range(rank, len, world)`): no overlap, nothing skipped.
+
+SFT (nanochat launch `chat_sft.py`): each row is one conversation, cut to seq_len + 1 tokens (counted in
+`stats["truncated"]`); inputs = ids[:-1], targets = ids[1:] with −1 wherever mask[1:] == 0 (user turns, tool
+output, BOS) and on padding; inputs are padded with `<|assistant_end|>` (never a counted target). Rows are
+padded to the longest conversation of the batch ROUNDED UP to the next length in a fixed set, so XLA
+compiles a handful of shapes instead of one per batch. Default set (`data.pad_lengths=""`): powers of two
+from 64 up to seq_len, plus seq_len itself (d20: 64, 128, 256, 512, 1024, 2048 = 6 shapes; tiny: 64, 128,
+256). Powers of two bound the padding at < 2× the longest row of the batch, which costs little because
+padded positions are cheap next to a recompile of the train step (tens of seconds at d20), and they match
+the shapes the attention kernels tile well. Padding never changes the loss: padded targets are −1 and the
+loss is the token-weighted mean over the whole accumulated batch (train.py). The val split is finite: the
+same number of full batches on every process (len(mixture) // (P·rows)), in mixture order.
+
+Midtraining (nanochat launch `mid_train.py`): conversations rendered (cut to seq_len tokens, as nanochat's
+2048) and concatenated into one stream; each batch takes rows·T + 1 tokens, inputs = stream[:-1], targets =
+stream[1:] reshaped to (rows, T): no mask, every token is trained on (BOS included), conversations may
+span rows and batches. Both splits wrap around (train: a second epoch if num_iterations asks for more).
+
+Resume is exact: `get_state()` is a small JSON dict (the stream position; for mid also the conversation
+at the head of the token buffer and the offset into it), valid for the last batch returned; `set_state`
+on a fresh iterator continues with the very next batch. A background thread keeps `data.prefetch` batches
+ready (rendering releases the GIL inside tiktoken); contents never depend on it. Plain Python rather than
+Grain: the state is two integers and rendering a batch takes milliseconds.
+
+Bad rows: a conversation that cannot be rendered raises, naming dataset, split and row; with
+`data.skip_bad_rows=True` it is skipped, counted in `stats["bad_rows"]` and the first few are logged.
+
+`python -m nanojax.data.chat count --config=configs/X.py` renders the train mixture once and prints its
+rows, tokens and optimizer steps per epoch (for setting `train.num_iterations`).
+"""
+from __future__ import annotations
+
+import copy
+import queue
+import sys
+import threading
+from typing import Any, Mapping
+
+import numpy as np
+
+from nanojax.tasks.common import BadRowError, Task, TaskMixture, build_task, parse_mixture, parse_sources
+
+MIN_PAD_LENGTH = 64
+_COUNTERS = ("batches", "conversations", "truncated", "bad_rows", "tokens", "target_tokens", "pad_tokens")
+_MAX_LOGGED_BAD = 10
+
+
+# ------------------------------------------------------------------------------------ padding lengths
+def pad_lengths(seq_len: int, spec: str = "") -> list[int]:
+    """The allowed row lengths: `spec` ("128,512,2048") or powers of two from 64 up to seq_len, plus seq_len."""
+    if spec and spec.strip():
+        lengths = sorted({int(s) for s in spec.split(",") if s.strip()})
+        if not lengths or lengths[0] < 1 or lengths[-1] > seq_len:
+            raise ValueError(f"data.pad_lengths={spec!r}: lengths must be in [1, seq_len={seq_len}]")
+        return lengths if lengths[-1] == seq_len else lengths + [seq_len]
+    lengths, n = [], MIN_PAD_LENGTH
+    while n < seq_len:
+        lengths.append(n)
+        n *= 2
+    return lengths + [seq_len]
+
+
+def round_up(n: int, lengths: list[int]) -> int:
+    i = int(np.searchsorted(lengths, n, side="left"))
+    if i == len(lengths):
+        raise ValueError(f"row of {n} tokens is longer than the largest padding length {lengths[-1]}")
+    return lengths[i]
+
+
+# --------------------------------------------------------------------------------------- SFT batches
+def sft_batch(rendered: list[tuple[list[int], list[int]]], lengths: list[int], pad_id: int) -> dict[str, np.ndarray]:
+    """(ids, mask) pairs -> inputs (padded with pad_id) and targets (−1 on mask 0 and on padding)."""
+    T = round_up(max(len(ids) - 1 for ids, _ in rendered), lengths)
+    inputs = np.full((len(rendered), T), pad_id, dtype=np.int32)
+    targets = np.full((len(rendered), T), -1, dtype=np.int32)
+    for r, (ids, mask) in enumerate(rendered):
+        ids_n, mask_n = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+        n = len(ids_n) - 1
+        inputs[r, :n] = ids_n[:-1]
+        targets[r, :n] = np.where(mask_n[1:] == 1, ids_n[1:], -1)
+    return {"inputs": inputs, "targets": targets}
+
+
+class _Stream:
+    """Conversations of `dataset` for one process (p, p+P, ...), epoch after epoch; rendering + bad-row rule."""
+
+    def __init__(self, dataset: Task, tokenizer, *, process_index: int, process_count: int, max_tokens: int,
+                 skip_bad_rows: bool, stats: dict):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.process_index, self.process_count = process_index, process_count
+        self.per_epoch = len(range(process_index, len(dataset), process_count))
+        if self.per_epoch == 0:
+            raise ValueError(f"{dataset!r} has {len(dataset)} conversations: none for process {process_index} of "
+                             f"{process_count}")
+        self.max_tokens, self.skip_bad_rows, self.stats = max_tokens, skip_bad_rows, stats
+
+    def index(self, k: int) -> int:
+        return self.process_index + (k % self.per_epoch) * self.process_count
+
+    def render(self, k: int):
+        """(ids, mask) of the process's k-th conversation, or None for a skipped bad row."""
+        i = self.index(k)
+        try:
+            conversation = self.dataset[i]
+            ids, mask = self.tokenizer.render_conversation(conversation, max_tokens=10**9)
+        except (BadRowError, ValueError) as e:
+            if not self.skip_bad_rows:
+                if isinstance(e, BadRowError):
+                    raise
+                raise BadRowError(f"{self.dataset!r} position {i}: {e} (set data.skip_bad_rows=True to skip "
+                                  f"such rows)") from e
+            self.stats["bad_rows"] += 1
+            if self.stats["bad_rows"] <= _MAX_LOGGED_BAD:
+                print(f"[chat data] skipping bad row ({self.stats['bad_rows']}): {e}", file=sys.stderr, flush=True)
+            return None
+        self.stats["conversations"] += 1
+        if len(ids) > self.max_tokens:
+            self.stats["truncated"] += 1
+            ids, mask = ids[: self.max_tokens], mask[: self.max_tokens]
+        return ids, mask
+
+
+class _SFTSource:
+    """SFT rows: one conversation per row. State: the stream position k (+ counters)."""
+
+    def __init__(self, stream: _Stream, *, batch_size: int, lengths: list[int], pad_id: int,
+                 num_batches: int | None):
+        self.stream, self.batch_size, self.lengths, self.pad_id = stream, batch_size, lengths, pad_id
+        self.num_batches = num_batches  # None: forever
+        self.k = 0
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        st = self.stream.stats
+        if self.num_batches is not None and st["batches"] >= self.num_batches:
+            raise StopIteration
+        rendered = []
+        while len(rendered) < self.batch_size:
+            if self.num_batches is not None and self.k >= self.stream.per_epoch:
+                raise StopIteration  # finite split ran out (only possible with skipped bad rows)
+            item = self.stream.render(self.k)
+            self.k += 1
+            if item is not None and len(item[0]) >= 2:
+                rendered.append(item)
+        batch = sft_batch(rendered, self.lengths, self.pad_id)
+        st["batches"] += 1
+        st["tokens"] += sum(len(ids) - 1 for ids, _ in rendered)
+        st["target_tokens"] += int((batch["targets"] >= 0).sum())
+        st["pad_tokens"] += batch["inputs"].size - sum(len(ids) - 1 for ids, _ in rendered)
+        return batch
+
+    def get_state(self) -> dict:
+        return {"k": self.k, "epoch": self.k // self.stream.per_epoch, "stats": dict(self.stream.stats)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.k = int(state["k"])
+        self.stream.stats.update(state["stats"])
+
+
+class _MidSource:
+    """Midtraining rows: the conversation token stream cut into rows·T + 1 tokens per batch.
+
+    State: `head` = stream position of the conversation at the front of the token buffer, `offset` = tokens
+    of it already used, `k` = next conversation to render (everything between head and k is buffered)."""
+
+    def __init__(self, stream: _Stream, *, batch_size: int, seq_len: int):
+        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+        self.buffer: list[tuple[int, np.ndarray]] = []  # (position, ids) in stream order
+        self.offset = 0  # tokens of buffer[0] already used
+        self.k = 0
+
+    def _fill(self, needed: int) -> None:
+        have = sum(len(ids) for _, ids in self.buffer) - self.offset
+        while have < needed:
+            item = self.stream.render(self.k)
+            if item is not None:
+                ids = np.asarray(item[0], np.int32)
+                self.buffer.append((self.k, ids))
+                have += len(ids)
+            self.k += 1
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        needed = self.batch_size * self.seq_len + 1
+        self._fill(needed)
+        out, take = [], needed
+        while take:
+            pos, ids = self.buffer[0]
+            piece = ids[self.offset: self.offset + take]
+            out.append(piece)
+            take -= len(piece)
+            self.offset += len(piece)
+            if self.offset == len(ids):
+                self.buffer.pop(0)
+                self.offset = 0
+        flat = np.concatenate(out)
+        st = self.stream.stats
+        st["batches"] += 1
+        st["tokens"] += needed - 1
+        st["target_tokens"] += needed - 1
+        return {"inputs": flat[:-1].reshape(self.batch_size, self.seq_len),
+                "targets": flat[1:].reshape(self.batch_size, self.seq_len)}
+
+    def get_state(self) -> dict:
+        head = self.buffer[0][0] if self.buffer else self.k
+        return {"k": self.k, "head": head, "offset": self.offset if self.buffer else 0,
+                "epoch": head // self.stream.per_epoch, "stats": dict(self.stream.stats)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Re-render the buffered conversations head..k-1 (their counters were saved already), skip `offset`."""
+        saved = dict(state["stats"])
+        self.buffer = []
+        for pos in range(int(state["head"]), int(state["k"])):
+            item = self.stream.render(pos)
+            if item is not None:
+                self.buffer.append((pos, np.asarray(item[0], np.int32)))
+        self.k, self.offset = int(state["k"]), int(state["offset"])
+        self.stream.stats.clear()
+        self.stream.stats.update(saved)
+
+
+class ChatIterator:
+    """The loop-facing iterator: next() -> batch dict; get_state()/set_state(); close(); `stats`."""
+
+    def __init__(self, source, *, prefetch: int = 2, description: str = ""):
+        self.source, self.prefetch, self.description = source, max(0, prefetch), description
+        self._state = copy.deepcopy(source.get_state())
+        self._thread = None
+        self._queue = None
+        self._stop = threading.Event()
+        self._done = False
+
+    # -- producer thread
+    def _run(self, q: queue.Queue, stop: threading.Event):
+        while not stop.is_set():
+            try:
+                item = ("batch", self.source.next_batch(), copy.deepcopy(self.source.get_state()))
+            except StopIteration:
+                item = ("stop", None, None)
+            except BaseException as e:  # noqa: BLE001: re-raised in the consumer
+                item = ("error", e, None)
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] != "batch":
+                return
+
+    def _start(self):
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._run, args=(self._queue, self._stop), daemon=True,
+                                        name="chat-data")
+        self._thread.start()
+
+    def _halt(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._done:
+            raise StopIteration
+        if self.prefetch == 0:
+            try:
+                batch = self.source.next_batch()
+            except StopIteration:
+                self._done = True
+                raise
+            self._state = copy.deepcopy(self.source.get_state())
+            return batch
+        if self._thread is None:
+            self._start()
+        kind, value, state = self._queue.get()
+        if kind == "stop":
+            self._done = True
+            self._halt()
+            raise StopIteration
+        if kind == "error":
+            self._halt()
+            raise value
+        self._state = state
+        return value
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self._state)
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._halt()
+        self.source.set_state(copy.deepcopy(dict(state)))
+        self._state = copy.deepcopy(self.source.get_state())
+        self._done = False
+
+    @property
+    def stats(self) -> dict:
+        return dict(self._state["stats"], epoch=self._state["epoch"])
+
+    def close(self) -> None:
+        self._halt()
+
+    def __del__(self):
+        try:
+            self._halt()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __repr__(self):
+        return f"ChatIterator({self.description})"
+
+
+# ------------------------------------------------------------------------------------------ factories
+def _new_stats() -> dict:
+    return {k: 0 for k in _COUNTERS}
+
+
+def make_sft_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int, process_index: int = 0,
+                      process_count: int = 1, finite: bool = False, lengths: list[int] | None = None,
+                      skip_bad_rows: bool = False, prefetch: int = 2) -> ChatIterator:
+    """SFT batches of `batch_size` conversations (this process's rows); finite=True: one pass, the same
+    number of batches on every process."""
+    stream = _Stream(dataset, tokenizer, process_index=process_index, process_count=process_count,
+                     max_tokens=seq_len + 1, skip_bad_rows=skip_bad_rows, stats=_new_stats())
+    num_batches = len(dataset) // (process_count * batch_size) if finite else None
+    if finite and num_batches == 0:
+        raise ValueError(f"{dataset!r} has {len(dataset)} conversations: fewer than one batch of {batch_size} "
+                         f"rows on each of {process_count} processes")
+    source = _SFTSource(stream, batch_size=batch_size, lengths=lengths or pad_lengths(seq_len),
+                        pad_id=tokenizer.encode_special("<|assistant_end|>"), num_batches=num_batches)
+    return ChatIterator(source, prefetch=prefetch, description=f"sft {dataset!r}, process {process_index}/"
+                        f"{process_count}, {batch_size} rows, T<= {seq_len}")
+
+
+def make_mid_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int, process_index: int = 0,
+                      process_count: int = 1, skip_bad_rows: bool = False, prefetch: int = 2) -> ChatIterator:
+    """Midtraining batches: packed (batch_size, seq_len) rows of the rendered conversation stream."""
+    stream = _Stream(dataset, tokenizer, process_index=process_index, process_count=process_count,
+                     max_tokens=seq_len, skip_bad_rows=skip_bad_rows, stats=_new_stats())
+    source = _MidSource(stream, batch_size=batch_size, seq_len=seq_len)
+    return ChatIterator(source, prefetch=prefetch, description=f"mid {dataset!r}, process {process_index}/"
+                        f"{process_count}, {batch_size}x{seq_len}")
+
+
+_TASK_CACHE: dict = {}
+
+
+def build_mixture(spec: str, sources: str = "", seed: int = 42) -> Task:
+    """The Task a mixture spec names: one entry -> that task; several -> TaskMixture (cached per spec)."""
+    key = (spec, sources, seed)
+    if key not in _TASK_CACHE:
+        src = parse_sources(sources)
+        tasks = []
+        for entry in parse_mixture(spec):
+            tkey = (entry["name"], entry["subset"], entry["split"], entry["start"], entry["stop"],
+                    src.get(f"{entry['name']}/{entry['subset']}") or src.get(entry["name"]))
+            if tkey not in _TASK_CACHE:
+                _TASK_CACHE[tkey] = build_task(entry, src)
+            tasks.append(_TASK_CACHE[tkey])
+        _TASK_CACHE[key] = tasks[0] if len(tasks) == 1 else TaskMixture(tasks, seed=seed)
+    return _TASK_CACHE[key]
+
+
+def make_chat_iterator_from_config(config, *, split: str, batch_size: int, process_index: int,
+                                   process_count: int, tokenizer) -> ChatIterator:
+    """The loop's entry point for data.kind in {"chat" (SFT), "mid"}; split "train" or "val"."""
+    d = config.data
+    if tokenizer is None:
+        raise ValueError(f"data.kind={d.kind!r} needs a tokenizer (data.tokenizer_dir)")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    spec = d.train_tasks if split == "train" else d.val_tasks
+    if not spec:
+        raise ValueError(f"data.{'train' if split == 'train' else 'val'}_tasks is empty: name the task mixture, "
+                         f"e.g. 'smoltalk:train, gsm8k/main:train'")
+    dataset = build_mixture(spec, d.task_sources, d.mixture_seed)
+    seq_len = config.model.seq_len
+    common = dict(batch_size=batch_size, seq_len=seq_len, process_index=process_index,
+                  process_count=process_count, skip_bad_rows=d.skip_bad_rows, prefetch=d.prefetch)
+    if d.kind == "chat":
+        return make_sft_iterator(dataset, tokenizer, finite=split == "val",
+                                 lengths=pad_lengths(seq_len, d.pad_lengths), **common)
+    if d.kind == "mid":
+        return make_mid_iterator(dataset, tokenizer, **common)
+    raise ValueError(f"make_chat_iterator_from_config: data.kind={d.kind!r} is not chat|mid")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def count_epoch(config, tokenizer) -> dict:
+    """Rows, tokens and optimizer steps in one epoch of the train mixture (renders every conversation)."""
+    dataset = build_mixture(config.data.train_tasks, config.data.task_sources, config.data.mixture_seed)
+    seq_len, tokens, bad, truncated = config.model.seq_len, 0, 0, 0
+    limit = seq_len if config.data.kind == "mid" else seq_len + 1
+    for i in range(len(dataset)):
+        try:
+            ids, _ = tokenizer.render_conversation(dataset[i], max_tokens=10**9)
+        except ValueError:
+            bad += 1
+            continue
+        truncated += len(ids) > limit
+        tokens += min(len(ids), limit)
+    rows = len(dataset) - bad
+    if config.data.kind == "mid":
+        steps = tokens // config.train.total_batch_size  # each micro-batch also drops one boundary token
+    else:
+        steps = rows // (config.train.total_batch_size // seq_len)
+    return {"rows": rows, "bad_rows": bad, "truncated": truncated, "tokens": tokens, "steps_per_epoch": steps}
+
+
+def main(argv):
+    from nanojax.train import load_tokenizer
+
+    if len(argv) != 2 or argv[1] != "count":
+        raise SystemExit("usage: python -m nanojax.data.chat count --config=configs/X.py [--config.a.b=v]")
+    stats = count_epoch(_CONFIG.value, load_tokenizer(_CONFIG.value))
+    print(" | ".join(f"{k} {v:,}" for k, v in stats.items()))
+    print(f"one epoch: --config.train.num_iterations={stats['steps_per_epoch']}")
+
+
+if __name__ == "__main__":
+    from absl import app
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+    app.run(main)
