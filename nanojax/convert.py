@@ -129,9 +129,10 @@ def from_nanochat(src_dir: str, step: int, out_dir: str) -> str:
 def to_nanochat(run_dir: str, step: int | None, out_dir: str) -> str:
     from flax import nnx
 
-    from nanojax.checkpoint import load_model
+    from nanojax.checkpoint import load_model, read_meta
 
     torch = _torch()
+    _, step = read_meta(run_dir, step)
     model, _, config = load_model(run_dir, step)
     sd = params_to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     m = config.model
@@ -140,9 +141,8 @@ def to_nanochat(run_dir: str, step: int | None, out_dir: str) -> str:
                                            "n_embd": m.width}}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = step if step is not None else 0
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, out / f"model_{n:06d}.pt")
-    (out / f"meta_{n:06d}.json").write_text(json.dumps(meta, indent=2))
+    torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, out / f"model_{step:06d}.pt")
+    (out / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2))
     return str(out)
 
 

@@ -198,7 +198,11 @@ def evaluate(state: TrainState, params, config, derived, tokenizer) -> dict:
             try:
                 local = next(it)
             except StopIteration:
-                break
+                if jax.process_count() == 1:
+                    break
+                # other hosts may still have data: keep stepping (eval_step is collective) on rows that count 0
+                shape = (local_rows, config.model.seq_len)
+                local = {"inputs": np.zeros(shape, np.int32), "targets": np.full(shape, -1, np.int32)}
             batch = global_batch(local, state.eval_sharding, 0, rows)
             out = state.eval_step(params, batch["inputs"], batch["targets"], token_bytes)
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
