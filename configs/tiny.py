@@ -12,7 +12,6 @@ def get_config():
     c.model.depth = 4
     c.model.vocab_size = 8192
     c.model.seq_len = 256
-    c.model.loss_chunk_size = 512
     c.train.total_batch_size = 8192
     c.train.device_batch_size = 4  # 1 device: 8 micro-steps; 8 devices: none
     c.train.num_iterations = 200

@@ -14,7 +14,16 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from nanojax.sharding import constrain
+
 Dtype = jnp.dtype
+
+
+# logical axes of activations (the batch is split over data × fsdp; heads / MLP hidden over tensor)
+ACT = ("batch", None, None)
+ACT_HEADS = ("batch", None, "heads", None)
+ACT_KV_HEADS = ("batch", None, "kv_heads", None)
+ACT_MLP = ("batch", None, "mlp")
 
 
 def param_name(path) -> str:
@@ -97,9 +106,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, cos_TF, sin_TF):
         B, T, _ = x_BTD.shape
-        q_BTHD = self.c_q(x_BTD).reshape(B, T, self.n_head, self.head_dim)
-        k_BTKD = self.c_k(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
-        v_BTKD = self.c_v(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
+        q_BTHD = constrain(self.c_q(x_BTD).reshape(B, T, self.n_head, self.head_dim), ACT_HEADS)
+        k_BTKD = constrain(self.c_k(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim), ACT_KV_HEADS)
+        v_BTKD = constrain(self.c_v(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim), ACT_KV_HEADS)
         q_BTHD = rms_norm(apply_rope(q_BTHD, cos_TF, sin_TF))
         k_BTKD = rms_norm(apply_rope(k_BTKD, cos_TF, sin_TF))
         y_BTHD = jax.nn.dot_product_attention(
@@ -117,7 +126,7 @@ class MLP(nnx.Module):
         self.c_proj = Dense(hidden, d, ("mlp", "embed"), zero_init=True, **kw)
 
     def __call__(self, x_BTD):
-        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x_BTD))))
+        return self.c_proj(constrain(jnp.square(jax.nn.relu(self.c_fc(x_BTD))), ACT_MLP))
 
 
 class Block(nnx.Module):
@@ -126,8 +135,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_BTD, cos_TF, sin_TF):
-        x_BTD = x_BTD + self.attn(rms_norm(x_BTD), cos_TF, sin_TF)
-        return x_BTD + self.mlp(rms_norm(x_BTD))
+        x_BTD = constrain(x_BTD + self.attn(rms_norm(x_BTD), cos_TF, sin_TF), ACT)
+        return constrain(x_BTD + self.mlp(rms_norm(x_BTD)), ACT)
 
 
 _REMAT_POLICIES = {
@@ -169,7 +178,7 @@ class GPT(nnx.Module):
         if T > cfg.seq_len:
             raise ValueError(f"sequence of length {T} is longer than model.seq_len={cfg.seq_len}")
         cos_TF, sin_TF = rope_tables(T, cfg.head_dim, cfg.rope_base, self.dtype)
-        x_BTD = rms_norm(jnp.take(self.wte[...], tokens_BT, axis=0).astype(self.dtype))
+        x_BTD = constrain(rms_norm(jnp.take(self.wte[...], tokens_BT, axis=0).astype(self.dtype)), ACT)
 
         def block_fn(block, x):
             return block(x, cos_TF, sin_TF)
@@ -203,33 +212,35 @@ class GPT(nnx.Module):
     def token_losses(self, tokens_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
         """Per-token cross-entropy (nats, float32, shape (B, T)); 0 where the target is −1.
 
-        Logits are computed `loss_chunk_size` rows at a time under a rematerialised scan, so neither the
-        forward nor the backward pass holds float32 logits for the whole batch (17 GB at d20, 32×2048).
+        Logits are computed `loss_chunk_size` positions of every row at a time under a rematerialised scan,
+        so neither pass holds float32 logits for the whole batch (17 GB at d20, 32×2048). Chunks run along
+        the sequence, never the batch: the batch axis stays sharded over the data-parallel devices.
         """
         B, T = tokens_BT.shape
-        h_ND = self.hidden(tokens_BT).reshape(B * T, -1)
-        y_N = targets_BT.reshape(B * T)
-        n = B * T
-        chunk = max(1, min(self.cfg.loss_chunk_size, n))
-        pad = (-n) % chunk
+        h_BTD = self.hidden(tokens_BT)
+        K = max(1, min(self.cfg.loss_chunk_size, T))
+        pad = (-T) % K
+        y_BT = targets_BT
         if pad:
-            h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
-            y_N = jnp.pad(y_N, (0, pad), constant_values=-1)
-        h_CKD = h_ND.reshape(-1, chunk, h_ND.shape[-1])
-        y_CK = y_N.reshape(-1, chunk)
+            h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+            y_BT = jnp.pad(y_BT, ((0, 0), (0, pad)), constant_values=-1)
+        C = (T + pad) // K
+        h_CBKD = jnp.moveaxis(h_BTD.reshape(B, C, K, -1), 1, 0)
+        y_CBK = jnp.moveaxis(y_BT.reshape(B, C, K), 1, 0)
         head = self.lm_head[...].astype(self.dtype)
         cap = self.cfg.softcap
 
         @jax.checkpoint
-        def chunk_loss(h_KD, y_K):
-            z_KV = jnp.dot(h_KD, head, preferred_element_type=jnp.float32)
-            z_KV = cap * jnp.tanh(z_KV / cap)
-            lse_K = jax.nn.logsumexp(z_KV, axis=-1)
-            picked_K = jnp.take_along_axis(z_KV, jnp.maximum(y_K, 0)[:, None], axis=-1)[:, 0]
-            return jnp.where(y_K >= 0, lse_K - picked_K, 0.0)
+        def chunk_loss(h_BKD, y_BK):
+            z_BKV = jnp.einsum("bkd,dv->bkv", h_BKD, head, preferred_element_type=jnp.float32)
+            z_BKV = constrain(z_BKV, ("batch", None, "vocab"))
+            z_BKV = cap * jnp.tanh(z_BKV / cap)
+            lse_BK = jax.nn.logsumexp(z_BKV, axis=-1)
+            picked_BK = jnp.take_along_axis(z_BKV, jnp.maximum(y_BK, 0)[..., None], axis=-1)[..., 0]
+            return jnp.where(y_BK >= 0, lse_BK - picked_BK, 0.0)
 
-        _, loss_CK = jax.lax.scan(lambda c, xs: (c, chunk_loss(*xs)), None, (h_CKD, y_CK))
-        return loss_CK.reshape(-1)[:n].reshape(B, T)
+        _, loss_CBK = jax.lax.scan(lambda c, xs: (c, chunk_loss(*xs)), None, (h_CBKD, y_CBK))
+        return jnp.moveaxis(loss_CBK, 0, 1).reshape(B, C * K)[:, :T]
 
     def loss(self, tokens_BT: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(sum of per-token losses over counted targets, number of counted targets)."""

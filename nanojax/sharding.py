@@ -66,6 +66,15 @@ def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=None) -> P:
     return P(*spec)
 
 
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+    """Pin an activation's sharding by logical names when a mesh is in scope (`use_abstract_mesh`), so
+    GSPMD keeps the batch split over data × fsdp instead of guessing; a no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
 def param_shardings(abstract_state, mesh: Mesh):
     """NamedSharding for every leaf of an nnx.State whose Variables carry `out_sharding` logical names."""
     from flax import nnx

@@ -95,7 +95,13 @@ class TrainState:
         graphdef, tx = self.graphdef, self.tx
         p_shard = self.param_shardings
 
+        abstract_mesh = self.mesh.abstract_mesh
+
         def train_step(params, opt_state, batch):
+            with jax.sharding.use_abstract_mesh(abstract_mesh):  # lets the model pin activation shardings
+                return _train_step(params, opt_state, batch)
+
+        def _train_step(params, opt_state, batch):
             def micro(carry, mb):
                 g_acc, loss_acc, n_acc = carry
 
@@ -126,7 +132,8 @@ class TrainState:
         )
 
         def eval_step(params, inputs, targets, token_bytes):
-            losses = nnx.merge(graphdef, params).token_losses(inputs, targets)
+            with jax.sharding.use_abstract_mesh(abstract_mesh):
+                losses = nnx.merge(graphdef, params).token_losses(inputs, targets)
             valid = targets >= 0
             nbytes = jnp.where(valid, token_bytes[jnp.maximum(targets, 0)], 0)
             return {

@@ -22,7 +22,7 @@ def micro_config(run_dir=None, *, mesh=(1, 1, 1), steps=4, depth=2):
         c.run_dir = str(run_dir)
     m = c.model
     m.depth, m.aspect_ratio, m.head_dim = depth, 32, 32
-    m.vocab_size, m.seq_len, m.loss_chunk_size = 256, 32, 64
+    m.vocab_size, m.seq_len, m.loss_chunk_size = 256, 32, 16
     m.compute_dtype = "float32"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     c.mesh.num_devices = mesh[0] * mesh[1] * mesh[2]

@@ -99,7 +99,7 @@ def test_golden_one_step():
         batch = {k: np.stack([m[k] for m in mbs]) for k in mbs[0]}
         params, opt, metrics = state.train_step(params, opt, batch)
         losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses[0], np.log(256), rtol=1e-6)
+    np.testing.assert_allclose(losses[0], np.log(256), rtol=5e-6)  # zero lm_head: uniform
     np.testing.assert_allclose(losses, GOLDEN_LOSSES, rtol=2e-5, err_msg="golden losses changed: see docstring")
 
 

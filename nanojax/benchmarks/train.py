@@ -24,6 +24,8 @@ from nanojax.train import TrainState, setup_jax, stack_micro_batches
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
 flags.DEFINE_string("record", "", "append the result as a markdown table row to this file")
+flags.DEFINE_bool("compile_only", False, "lower + compile on abstract arrays (no allocation, nothing runs): "
+                  "compile time and XLA's per-device memory for configs too big for this machine")
 FLAGS = flags.FLAGS
 
 
@@ -42,13 +44,32 @@ def machine() -> str:
     return f"{jax.device_count()}× {dev.device_kind}"
 
 
-def benchmark(config, steps: int) -> dict:
+def _peak_bytes(compiled):
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return (getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
+            + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
+
+
+def benchmark(config, steps: int, compile_only: bool = False) -> dict:
     setup_jax()
     devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices > 0 else jax.devices()
     mesh = shd.make_mesh(config.mesh, devices)
     derived = cfglib.derive(config, len(devices))
     print(derived.summary(), flush=True)
     state = TrainState(config, mesh, derived)
+    if compile_only:
+        shape = (derived.grad_accum_steps, derived.global_micro_batch, config.model.seq_len)
+        sds = jax.ShapeDtypeStruct(shape, np.int32, sharding=state.batch_sharding)
+        t0 = time.time()
+        compiled = state.train_step.lower(state.abstract_params, state.abstract_opt,
+                                          {"inputs": sds, "targets": sds}).compile()
+        return {"config": config.run_name, "params": derived.num_params, "devices": len(devices),
+                "mesh": dict(mesh.shape), "tokens_per_step": config.train.total_batch_size,
+                "grad_accum": derived.grad_accum_steps, "compute_dtype": str(state.model_dtype),
+                "compile_s": time.time() - t0, "step_s": None, "tokens_per_s": None, "mfu": None,
+                "peak_bytes_per_device": _peak_bytes(compiled), "loss": None, "machine": machine()}
     params = state.init_params()
     opt = state.init_opt_state(params)
     it = SyntheticIterator(batch_size=derived.global_micro_batch, seq_len=config.model.seq_len,
@@ -59,11 +80,7 @@ def benchmark(config, steps: int) -> dict:
     lowered = state.train_step.lower(params, opt, batch)
     compiled = lowered.compile()
     compile_s = time.time() - t0
-    mem = compiled.memory_analysis()
-    peak_bytes = None
-    if mem is not None:
-        peak_bytes = (getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
-                      + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
+    peak_bytes = _peak_bytes(compiled)
     params, opt, m = compiled(params, opt, batch)  # warm-up
     jax.block_until_ready(m)
     t0 = time.time()
@@ -84,18 +101,22 @@ def benchmark(config, steps: int) -> dict:
 
 
 def markdown_row(r: dict) -> str:
-    mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a (no peak for this device)"
+    if r["step_s"] is None:
+        mfu = step = tok = "(compile only)"
+    else:
+        mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a (no peak for this device)"
+        step, tok = f"{r['step_s'] * 1000:.0f} ms", f"{r['tokens_per_s']:,.0f}"
     mem = f"{r['peak_bytes_per_device'] / 2**30:.2f} GiB" if r["peak_bytes_per_device"] else "n/a"
     return (f"| {datetime.date.today()} | {r['machine']} | {r['config']} ({r['params']:,} params) | "
             f"{r['mesh']} accum {r['grad_accum']} | {r['compute_dtype']} | {r['compile_s']:.1f} s | "
-            f"{r['step_s'] * 1000:.0f} ms | {r['tokens_per_s']:,.0f} | {mfu} | {mem} |")
+            f"{step} | {tok} | {mfu} | {mem} |")
 
 
 def main(argv):
     del argv
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<name>.py is required")
-    r = benchmark(_CONFIG.value, FLAGS.steps)
+    r = benchmark(_CONFIG.value, FLAGS.steps, FLAGS.compile_only)
     row = markdown_row(r)
     print("| date | machine | config | mesh | dtype | compile | step | tokens/s | MFU | peak mem/device |")
     print(row)
