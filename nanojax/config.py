@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.attention_impl = "auto"  # auto | xla | cudnn
     m.compute_dtype = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
     m.param_dtype = "float32"
-    m.loss_chunk_size = 1024  # rows of B*T per chunk: logits are never materialised for the whole batch
+    m.loss_chunk_size = 128  # positions per row per loss chunk: float32 logits exist for B×128×V at a time
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

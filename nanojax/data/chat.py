@@ -18,10 +18,11 @@ the shapes the attention kernels tile well. Padding never changes the loss: padd
 loss is the token-weighted mean over the whole accumulated batch (train.py). The val split is finite: the
 same number of full batches on every process (len(mixture) // (P·rows)), in mixture order.
 
-Midtraining (nanochat launch `mid_train.py`): conversations rendered (cut to seq_len tokens, as nanochat's
-2048) and concatenated into one stream; each batch takes rows·T + 1 tokens, inputs = stream[:-1], targets =
-stream[1:] reshaped to (rows, T): no mask, every token is trained on (BOS included), conversations may
-span rows and batches. Both splits wrap around (train: a second epoch if num_iterations asks for more).
+Midtraining (nanochat launch `mid_train.py`): conversations rendered (cut at max(2048, seq_len) tokens,
+nanochat's render default) and concatenated into one stream; each batch takes rows·T + 1 tokens,
+inputs = stream[:-1], targets = stream[1:] reshaped to (rows, T): no mask, every token is trained on (BOS
+included), conversations may span rows and batches. Both splits wrap around (train: a second epoch if
+num_iterations asks for more).
 
 Resume is exact: `get_state()` is a small JSON dict (the stream position; for mid also the conversation
 at the head of the token buffer and the offset into it), valid for the last batch returned; `set_state`
@@ -48,6 +49,7 @@ import numpy as np
 from nanojax.tasks.common import BadRowError, Task, TaskMixture, build_task, parse_mixture, parse_sources
 
 MIN_PAD_LENGTH = 64
+MID_MAX_TOKENS = 2048  # midtraining cuts a conversation at max(this, seq_len) tokens (nanochat's render default)
 _COUNTERS = ("batches", "conversations", "truncated", "bad_rows", "tokens", "target_tokens", "pad_tokens")
 _MAX_LOGGED_BAD = 10
 
@@ -75,9 +77,11 @@ def round_up(n: int, lengths: list[int]) -> int:
 
 
 # --------------------------------------------------------------------------------------- SFT batches
-def sft_batch(rendered: list[tuple[list[int], list[int]]], lengths: list[int], pad_id: int) -> dict[str, np.ndarray]:
-    """(ids, mask) pairs -> inputs (padded with pad_id) and targets (−1 on mask 0 and on padding)."""
-    T = round_up(max(len(ids) - 1 for ids, _ in rendered), lengths)
+def sft_batch(rendered: list[tuple[list[int], list[int]]], lengths: list[int], pad_id: int,
+              length: int | None = None) -> dict[str, np.ndarray]:
+    """(ids, mask) pairs -> inputs (padded with pad_id) and targets (−1 on mask 0 and on padding), rows of
+    `length` or else the longest row rounded up to one of `lengths`."""
+    T = length or round_up(max(len(ids) - 1 for ids, _ in rendered), lengths)
     inputs = np.full((len(rendered), T), pad_id, dtype=np.int32)
     targets = np.full((len(rendered), T), -1, dtype=np.int32)
     for r, (ids, mask) in enumerate(rendered):
@@ -92,7 +96,7 @@ class _Stream:
     """Conversations of `dataset` for one process (p, p+P, ...), epoch after epoch; rendering + bad-row rule."""
 
     def __init__(self, dataset: Task, tokenizer, *, process_index: int, process_count: int, max_tokens: int,
-                 skip_bad_rows: bool, stats: dict):
+                 skip_bad_rows: bool, stats: dict, quiet: bool = False):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.dataset, self.tokenizer = dataset, tokenizer
@@ -101,7 +105,7 @@ class _Stream:
         if self.per_epoch == 0:
             raise ValueError(f"{dataset!r} has {len(dataset)} conversations: none for process {process_index} of "
                              f"{process_count}")
-        self.max_tokens, self.skip_bad_rows, self.stats = max_tokens, skip_bad_rows, stats
+        self.max_tokens, self.skip_bad_rows, self.stats, self.quiet = max_tokens, skip_bad_rows, stats, quiet
 
     def index(self, k: int) -> int:
         return self.process_index + (k % self.per_epoch) * self.process_count
@@ -119,7 +123,7 @@ class _Stream:
                 raise BadRowError(f"{self.dataset!r} position {i}: {e} (set data.skip_bad_rows=True to skip "
                                   f"such rows)") from e
             self.stats["bad_rows"] += 1
-            if self.stats["bad_rows"] <= _MAX_LOGGED_BAD:
+            if self.stats["bad_rows"] <= _MAX_LOGGED_BAD and not self.quiet:
                 print(f"[chat data] skipping bad row ({self.stats['bad_rows']}): {e}", file=sys.stderr, flush=True)
             return None
         self.stats["conversations"] += 1
@@ -130,38 +134,55 @@ class _Stream:
 
 
 class _SFTSource:
-    """SFT rows: one conversation per row. State: the stream position k (+ counters)."""
+    """SFT rows: one conversation per row.
 
-    def __init__(self, stream: _Stream, *, batch_size: int, lengths: list[int], pad_id: int,
+    Every process must pad a micro-batch to the same length (the global batch is one array), so each
+    process also renders the other processes' conversations of the same micro-batch, for their lengths
+    only: no communication, and cheap (SFT steps hold a few dozen conversations in all). State: every
+    process's stream position (`ks`; `k` is this process's) + this process's counters."""
+
+    def __init__(self, streams: list[_Stream], own: int, *, batch_size: int, lengths: list[int], pad_id: int,
                  num_batches: int | None):
-        self.stream, self.batch_size, self.lengths, self.pad_id = stream, batch_size, lengths, pad_id
+        self.streams, self.own, self.stream = streams, own, streams[own]
+        self.batch_size, self.lengths, self.pad_id = batch_size, lengths, pad_id
         self.num_batches = num_batches  # None: forever
-        self.k = 0
+        self.ks = [0] * len(streams)
+
+    def _take(self, q: int) -> list:
+        stream, rendered = self.streams[q], []
+        while len(rendered) < self.batch_size:
+            if self.num_batches is not None and self.ks[q] >= stream.per_epoch:
+                raise StopIteration  # finite split ran out (only possible with skipped bad rows)
+            item = stream.render(self.ks[q])
+            self.ks[q] += 1
+            if item is not None and len(item[0]) >= 2:
+                rendered.append(item)
+        return rendered
 
     def next_batch(self) -> dict[str, np.ndarray]:
         st = self.stream.stats
         if self.num_batches is not None and st["batches"] >= self.num_batches:
             raise StopIteration
-        rendered = []
-        while len(rendered) < self.batch_size:
-            if self.num_batches is not None and self.k >= self.stream.per_epoch:
-                raise StopIteration  # finite split ran out (only possible with skipped bad rows)
-            item = self.stream.render(self.k)
-            self.k += 1
-            if item is not None and len(item[0]) >= 2:
-                rendered.append(item)
-        batch = sft_batch(rendered, self.lengths, self.pad_id)
+        per_process = [self._take(q) for q in range(len(self.streams))]
+        longest = max(len(ids) - 1 for rendered in per_process for ids, _ in rendered)
+        rendered = per_process[self.own]
+        batch = sft_batch(rendered, self.lengths, self.pad_id, length=round_up(longest, self.lengths))
+        n_tokens = sum(len(ids) - 1 for ids, _ in rendered)
         st["batches"] += 1
-        st["tokens"] += sum(len(ids) - 1 for ids, _ in rendered)
+        st["tokens"] += n_tokens
         st["target_tokens"] += int((batch["targets"] >= 0).sum())
-        st["pad_tokens"] += batch["inputs"].size - sum(len(ids) - 1 for ids, _ in rendered)
+        st["pad_tokens"] += batch["inputs"].size - n_tokens
         return batch
 
     def get_state(self) -> dict:
-        return {"k": self.k, "epoch": self.k // self.stream.per_epoch, "stats": dict(self.stream.stats)}
+        k = self.ks[self.own]
+        return {"k": k, "ks": list(self.ks), "epoch": k // self.stream.per_epoch, "stats": dict(self.stream.stats)}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        self.k = int(state["k"])
+        ks = [int(k) for k in state.get("ks", [state["k"]])]
+        if len(ks) != len(self.streams):
+            raise ValueError(f"SFT iterator state is for {len(ks)} processes, this run has {len(self.streams)}")
+        self.ks = ks
         self.stream.stats.update(state["stats"])
 
 
@@ -229,8 +250,9 @@ class _MidSource:
 class ChatIterator:
     """The loop-facing iterator: next() -> batch dict; get_state()/set_state(); close(); `stats`."""
 
-    def __init__(self, source, *, prefetch: int = 2, description: str = ""):
+    def __init__(self, source, *, prefetch: int = 2, description: str = "", announce: bool = False):
         self.source, self.prefetch, self.description = source, max(0, prefetch), description
+        self.announce = announce  # print the counters when an epoch completes
         self._state = copy.deepcopy(source.get_state())
         self._thread = None
         self._queue = None
@@ -244,7 +266,7 @@ class ChatIterator:
                 item = ("batch", self.source.next_batch(), copy.deepcopy(self.source.get_state()))
             except StopIteration:
                 item = ("stop", None, None)
-            except BaseException as e:  # noqa: BLE001: re-raised in the consumer
+            except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
                 item = ("error", e, None)
             while not stop.is_set():
                 try:
@@ -280,7 +302,7 @@ class ChatIterator:
             except StopIteration:
                 self._done = True
                 raise
-            self._state = copy.deepcopy(self.source.get_state())
+            self._set(copy.deepcopy(self.source.get_state()))
             return batch
         if self._thread is None:
             self._start()
@@ -292,8 +314,14 @@ class ChatIterator:
         if kind == "error":
             self._halt()
             raise value
-        self._state = state
+        self._set(state)
         return value
+
+    def _set(self, state: dict) -> None:
+        if self.announce and state["epoch"] > self._state["epoch"]:
+            print(f"[chat data] epoch {self._state['epoch']} done: "
+                  + ", ".join(f"{k} {v:,}" for k, v in state["stats"].items()), flush=True)
+        self._state = state
 
     def get_state(self) -> dict:
         return copy.deepcopy(self._state)
@@ -331,26 +359,30 @@ def make_sft_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int
                       skip_bad_rows: bool = False, prefetch: int = 2) -> ChatIterator:
     """SFT batches of `batch_size` conversations (this process's rows); finite=True: one pass, the same
     number of batches on every process."""
-    stream = _Stream(dataset, tokenizer, process_index=process_index, process_count=process_count,
-                     max_tokens=seq_len + 1, skip_bad_rows=skip_bad_rows, stats=_new_stats())
+    streams = [_Stream(dataset, tokenizer, process_index=q, process_count=process_count, max_tokens=seq_len + 1,
+                       skip_bad_rows=skip_bad_rows, stats=_new_stats(), quiet=q != process_index)
+               for q in range(process_count)]
     num_batches = len(dataset) // (process_count * batch_size) if finite else None
     if finite and num_batches == 0:
         raise ValueError(f"{dataset!r} has {len(dataset)} conversations: fewer than one batch of {batch_size} "
                          f"rows on each of {process_count} processes")
-    source = _SFTSource(stream, batch_size=batch_size, lengths=lengths or pad_lengths(seq_len),
+    source = _SFTSource(streams, process_index, batch_size=batch_size, lengths=lengths or pad_lengths(seq_len),
                         pad_id=tokenizer.encode_special("<|assistant_end|>"), num_batches=num_batches)
-    return ChatIterator(source, prefetch=prefetch, description=f"sft {dataset!r}, process {process_index}/"
-                        f"{process_count}, {batch_size} rows, T<= {seq_len}")
+    return ChatIterator(source, prefetch=prefetch, announce=process_index == 0 and not finite,
+                        description=f"sft {dataset!r}, process {process_index}/{process_count}, {batch_size} rows, "
+                                    f"T<= {seq_len}")
 
 
 def make_mid_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int, process_index: int = 0,
-                      process_count: int = 1, skip_bad_rows: bool = False, prefetch: int = 2) -> ChatIterator:
+                      process_count: int = 1, skip_bad_rows: bool = False, prefetch: int = 2,
+                      announce: bool = True) -> ChatIterator:
     """Midtraining batches: packed (batch_size, seq_len) rows of the rendered conversation stream."""
     stream = _Stream(dataset, tokenizer, process_index=process_index, process_count=process_count,
-                     max_tokens=seq_len, skip_bad_rows=skip_bad_rows, stats=_new_stats())
+                     max_tokens=max(MID_MAX_TOKENS, seq_len), skip_bad_rows=skip_bad_rows, stats=_new_stats())
     source = _MidSource(stream, batch_size=batch_size, seq_len=seq_len)
-    return ChatIterator(source, prefetch=prefetch, description=f"mid {dataset!r}, process {process_index}/"
-                        f"{process_count}, {batch_size}x{seq_len}")
+    return ChatIterator(source, prefetch=prefetch, announce=process_index == 0 and announce,
+                        description=f"mid {dataset!r}, process {process_index}/{process_count}, "
+                                    f"{batch_size}x{seq_len}")
 
 
 _TASK_CACHE: dict = {}
@@ -392,7 +424,7 @@ def make_chat_iterator_from_config(config, *, split: str, batch_size: int, proce
         return make_sft_iterator(dataset, tokenizer, finite=split == "val",
                                  lengths=pad_lengths(seq_len, d.pad_lengths), **common)
     if d.kind == "mid":
-        return make_mid_iterator(dataset, tokenizer, **common)
+        return make_mid_iterator(dataset, tokenizer, announce=split == "train", **common)
     raise ValueError(f"make_chat_iterator_from_config: data.kind={d.kind!r} is not chat|mid")
 
 
@@ -401,7 +433,7 @@ def count_epoch(config, tokenizer) -> dict:
     """Rows, tokens and optimizer steps in one epoch of the train mixture (renders every conversation)."""
     dataset = build_mixture(config.data.train_tasks, config.data.task_sources, config.data.mixture_seed)
     seq_len, tokens, bad, truncated = config.model.seq_len, 0, 0, 0
-    limit = seq_len if config.data.kind == "mid" else seq_len + 1
+    limit = max(MID_MAX_TOKENS, seq_len) if config.data.kind == "mid" else seq_len + 1
     for i in range(len(dataset)):
         try:
             ids, _ = tokenizer.render_conversation(dataset[i], max_tokens=10**9)

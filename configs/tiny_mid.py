@@ -1,0 +1,37 @@
+"""Tiny midtraining on a CPU: the configs/tiny.py base run -> tiny_mid, on GSM8K conversations packed into
+256-token rows (no mask), ≈ one epoch of GSM8K train with the tiny tokenizer.
+
+Local data (no network): --config.data.task_sources="gsm8k=DIR" with DIR holding train.jsonl / test.jsonl
+(or the HF parquet files). With network, the d20 mixture shape works too, e.g.
+--config.data.train_tasks="smoltalk:train[:20000], mmlu/auxiliary_train:train[:5000], gsm8k/main:train".
+"""
+import importlib.util
+import pathlib
+
+from nanojax import paths
+
+
+def tiny_config():
+    """configs/tiny.py's config (loaded by path: works from any working directory)."""
+    spec = importlib.util.spec_from_file_location("tiny", pathlib.Path(__file__).with_name("tiny.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def get_config():
+    c = tiny_config()
+    c.run_name = "tiny_mid"
+    c.data.kind = "mid"
+    c.data.train_tasks = "gsm8k/main:train"
+    c.data.val_tasks = "gsm8k/main:test"
+    t = c.train
+    t.init_from = str(paths.runs_dir() / "tiny")
+    t.num_iterations = 160  # ≈ one epoch of GSM8K train (≈1.3M tokens) at 8,192 tokens per step
+    t.warmup_ratio = 0.0
+    t.warmdown_ratio = 0.2
+    t.final_lr_frac = 0.0
+    t.eval_every = 40
+    t.eval_tokens = 8 * 8192
+    t.checkpoint_every = 40
+    return c

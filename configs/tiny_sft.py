@@ -1,0 +1,42 @@
+"""Tiny SFT on a CPU: tiny_mid (or the tiny base run) -> tiny_chat on GSM8K, assistant-only loss.
+
+32 conversations per step (32 rows × 256), one epoch of GSM8K train = 7,473 // 32 = 233 steps, LR × 0.02
+linearly to 0, validation loss on GSM8K test. Local data: --config.data.task_sources="gsm8k=DIR".
+From the base run directly: --config.train.init_from=$NANOJAX_HOME/runs/tiny
+"""
+import importlib.util
+import pathlib
+
+from nanojax import paths
+
+
+def tiny_config():
+    """configs/tiny.py's config (loaded by path: works from any working directory)."""
+    spec = importlib.util.spec_from_file_location("tiny", pathlib.Path(__file__).with_name("tiny.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def get_config():
+    c = tiny_config()
+    c.run_name = "tiny_chat"
+    c.data.kind = "chat"
+    c.data.train_tasks = "gsm8k/main:train"
+    c.data.val_tasks = "gsm8k/main:test"
+    t = c.train
+    t.init_from = str(paths.runs_dir() / "tiny_mid")
+    t.total_batch_size = 32 * c.model.seq_len  # 32 conversations per step
+    t.device_batch_size = 4
+    t.num_iterations = 7_473 // 32
+    t.warmup_ratio = 0.0
+    t.warmdown_ratio = 1.0
+    t.final_lr_frac = 0.0
+    t.eval_every = 50
+    t.eval_tokens = 32 * 4 * c.model.seq_len  # 32 batches of 4 conversations
+    t.checkpoint_every = 50
+    o = c.optim
+    o.lr_scale = 0.02
+    o.muon_momentum_start = 0.95
+    o.muon_momentum_end = 0.95
+    return c
