@@ -356,6 +356,7 @@ def run(config) -> dict:
         tok_s = config.train.total_batch_size / p_dt
         lrs = current_lrs(config, total_steps, p_step)
         rec = {"step": p_step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
+               "loss_tokens": int(m["tokens"]),  # targets that counted (SFT: assistant tokens only)
                "step_time_s": p_dt, "data_wait_s": p_wait, **lrs,
                "muon_momentum": float(muon_momentum(p_step, config.optim.muon_momentum_start,
                                                     config.optim.muon_momentum_end,
@@ -401,6 +402,8 @@ def run(config) -> dict:
                         report(*pending)
                         pending = None
                     save(step, force=True)
+                    if hasattr(it, "stats"):  # documents, empty/bad rows, truncations, epoch
+                        write({"step": step, "data_stats": it.stats})
                 if stop_now:
                     stopped_by_signal = stop.signum is not None
                     break

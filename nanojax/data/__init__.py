@@ -25,4 +25,4 @@ def make_iterator(config, *, split: str, batch_size: int, process_index: int, pr
 
         return make_iterator_from_config(config, split=split, batch_size=batch_size, process_index=process_index,
                                          process_count=process_count, tokenizer=tokenizer)
-    raise ValueError(f"config.data.kind={kind!r} is not a known data pipeline (known: synthetic, fineweb)")
+    raise ValueError(f"config.data.kind={kind!r} is not a known data pipeline (known: synthetic, fineweb, mid, chat)")
