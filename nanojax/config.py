@@ -193,7 +193,8 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
         raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
     if unknown:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices cannot be split with fixed axes of product {known} ({sizes})")
+            raise ValueError(
+                f"mesh: {num_devices} devices cannot be split with fixed axes of product {known} ({sizes})")
         sizes[unknown[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(

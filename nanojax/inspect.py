@@ -35,8 +35,9 @@ def _leaves(tree):
         out.append({
             "name": param_name(path), "shape": list(shape), "dtype": dtype.name,
             "size": int(math.prod(shape)), "bytes": int(math.prod(shape)) * dtype.itemsize,
-            "partition_spec": [list(p) if isinstance(p, (list, tuple)) else p for p in spec] if spec is not None else None,
-            "mesh": dict(zip(getattr(sharding, "axis_names", []), [int(x) for x in mesh])) if mesh is not None else None,
+            "partition_spec": None if spec is None else
+            [list(p) if isinstance(p, (list, tuple)) else p for p in spec],
+            "mesh": None if mesh is None else dict(zip(getattr(sharding, "axis_names", []), [int(x) for x in mesh])),
         })
     return out
 

@@ -290,8 +290,8 @@ def run(config) -> dict:
     else:
         params = state.init_params()
         if config.train.init_from:
-            params, src_step = ckpt.load_params(config.train.init_from, state.abstract_params,
-                                                None if config.train.init_from_step < 0 else config.train.init_from_step)
+            from_step = None if config.train.init_from_step < 0 else config.train.init_from_step
+            params, src_step = ckpt.load_params(config.train.init_from, state.abstract_params, from_step)
             source = {"path": str(config.train.init_from), "step": src_step}
             log(f"initialised parameters from {config.train.init_from} (step {src_step})")
         if config.train.init_optimizer_state and config.train.init_from:
@@ -368,7 +368,8 @@ def run(config) -> dict:
         if (p_step + 1) % config.train.log_every == 0 or p_step == 0 or p_step + 1 == total_steps:
             eta = (total_steps - p_step - 1) * dt_ema
             mfu = f" | mfu {rec['mfu'] * 100:.1f}%" if "mfu" in rec else ""
-            log(f"step {p_step + 1:6d}/{total_steps} | loss {loss:.4f} (ema {ema:.4f}) | lr×{lrs['lr_matrix'] / max(config.optim.matrix_lr, 1e-30):.3f}"
+            lr_mult = lrs["lr_matrix"] / max(config.optim.matrix_lr * config.optim.lr_scale, 1e-30)
+            log(f"step {p_step + 1:6d}/{total_steps} | loss {loss:.4f} (ema {ema:.4f}) | lr×{lr_mult:.3f}"
                 f" | gnorm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu} | {p_dt * 1000:.0f} ms"
                 f" (data {p_wait * 1000:.0f} ms) | eta {eta / 60:.1f} min")
 
@@ -432,6 +433,16 @@ def main(argv):
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
+            c = flags.FLAGS.config
+            print(f"\nerror: out of device memory ({type(e).__name__}). Options, cheapest first: "
+                  f"--config.model.remat=dots or =full (recompute activations; full cuts d20's per-device peak "
+                  f"about 12x), --config.train.device_batch_size={max(1, c.train.device_batch_size // 2)} (gradient "
+                  f"accumulation keeps the step at {c.train.total_batch_size:,} tokens), or more fsdp devices.",
+                  file=sys.stderr)
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def test_init_from_refuses_a_different_architecture(tmp_path):
     other = micro_config(tmp_path / "other", steps=1, depth=3)
     other.model.vocab_size = 512
     other.train.init_from = base.run_dir
-    with pytest.raises(ValueError, match=r"mismatches.*\n.*blocks.attn.c_k.kernel: checkpoint \(2, 64, 64\) vs model \(3, 96, 96\)"):
+    want = r"mismatches.*\n.*blocks.attn.c_k.kernel: checkpoint \(2, 64, 64\) vs model \(3, 96, 96\)"
+    with pytest.raises(ValueError, match=want):
         run(other)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.load_params(tmp_path / "nothing", None)
@@ -146,7 +147,8 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
         return [sys.executable, "-m", "nanojax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
                "--config.data.kind=synthetic", f"--config.run_dir={run_dir}", "--config.model.depth=2",
                "--config.model.vocab_size=256", "--config.model.seq_len=32", "--config.model.aspect_ratio=32",
-               "--config.model.head_dim=32", "--config.train.total_batch_size=256", "--config.train.device_batch_size=4",
+               "--config.model.head_dim=32", "--config.train.total_batch_size=256",
+               "--config.train.device_batch_size=4",
                "--config.mesh.fsdp=1", f"--config.train.num_iterations={iterations}", "--config.train.eval_every=0",
                "--config.train.checkpoint_every=0", "--config.train.log_every=1"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-import sys
 import time
 
 import jax
