@@ -5,22 +5,13 @@ Local data (no network): --config.data.task_sources="gsm8k=DIR" with DIR holding
 (or the HF parquet files). With network, the d20 mixture shape works too, e.g.
 --config.data.train_tasks="smoltalk:train[:20000], mmlu/auxiliary_train:train[:5000], gsm8k/main:train".
 """
-import importlib.util
 import pathlib
 
 from nanojax import paths
-
-
-def tiny_config():
-    """configs/tiny.py's config (loaded by path: works from any working directory)."""
-    spec = importlib.util.spec_from_file_location("tiny", pathlib.Path(__file__).with_name("tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
+from nanojax.config import load_config_file
 
 def get_config():
-    c = tiny_config()
+    c = load_config_file(pathlib.Path(__file__).with_name("tiny.py"))
     c.run_name = "tiny_mid"
     c.data.kind = "mid"
     c.data.train_tasks = "gsm8k/main:train"

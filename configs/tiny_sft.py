@@ -4,22 +4,13 @@
 linearly to 0, validation loss on GSM8K test. Local data: --config.data.task_sources="gsm8k=DIR".
 From the base run directly: --config.train.init_from=$NANOJAX_HOME/runs/tiny
 """
-import importlib.util
 import pathlib
 
 from nanojax import paths
-
-
-def tiny_config():
-    """configs/tiny.py's config (loaded by path: works from any working directory)."""
-    spec = importlib.util.spec_from_file_location("tiny", pathlib.Path(__file__).with_name("tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
+from nanojax.config import load_config_file
 
 def get_config():
-    c = tiny_config()
+    c = load_config_file(pathlib.Path(__file__).with_name("tiny.py"))
     c.run_name = "tiny_chat"
     c.data.kind = "chat"
     c.data.train_tasks = "gsm8k/main:train"

@@ -27,6 +27,20 @@ PEAK_FLOPS = {
 }
 
 
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """`get_config()` of a configs/*.py file given by path (lets one config build on another)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_name = "base_d20"

@@ -1,17 +1,14 @@
 """Shared test configs: small enough that a train step compiles and runs in a second on CPU."""
-import importlib.util
 import pathlib
 
+from nanojax import config
 from nanojax.config import default_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config_file(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return config.load_config_file(ROOT / "configs" / f"{name}.py")
 
 
 def micro_config(run_dir=None, *, mesh=(1, 1, 1), steps=4, depth=2):
