@@ -1,0 +1,397 @@
+"""`python -m nanojax.evaluate RUN_DIR --tasks=core,bpb,mmlu,arc_easy,arc_challenge,gsm8k,humaneval`
+
+Base-model evals: `core` (DCLM CORE, `nanojax.tasks.core`) and `bpb` (bits per byte on the validation split
+of the run's pretraining data). Chat evals (nanochat's `chat_eval.py`): `mmlu`, `arc_easy`, `arc_challenge`
+are categorical (one forward of the completion prompt; logits at the last position, the
+`<|assistant_start|>` token, restricted to the choice letters; argmax letter graded by the task);
+`gsm8k` and `humaneval` are generative (greedy by default, <= 512 new tokens, calculator on, batched
+through the KV-cache engine; HumanEval programs run in `nanojax.execution`'s sandbox; pass@1, or
+pass@k as "any of k samples" with --num-samples). ChatCORE = mean over the chat tasks of
+(acc - baseline) / (1 - baseline), reported when all five were evaluated (the partial mean is kept too).
+
+Results are merged into RUN_DIR/eval_results.json (one key per task, so separate invocations add up)
+and rendered to RUN_DIR/eval_results.md. `--max-per-task N` cuts every task to its first N examples
+(CORE: after nanochat's seed-1337 shuffle) for quick runs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import time
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+BASE_TASKS = ("core", "bpb")
+CHAT_TASKS = ("mmlu", "arc_easy", "arc_challenge", "gsm8k", "humaneval")
+ALL_TASKS = BASE_TASKS + CHAT_TASKS
+CHAT_BASELINES = {"mmlu": 0.25, "arc_easy": 0.25, "arc_challenge": 0.25, "gsm8k": 0.0, "humaneval": 0.0}
+DISPLAY = {"core": "CORE", "bpb": "val bpb", "mmlu": "MMLU", "arc_easy": "ARC-Easy",
+           "arc_challenge": "ARC-Challenge", "gsm8k": "GSM8K", "humaneval": "HumanEval", "chatcore": "ChatCORE"}
+# nanochat d20 at launch (v0 README): BASE CORE; SFT chat evals
+NANOCHAT_D20 = {"core": 0.2219, "arc_easy": 0.3876, "arc_challenge": 0.2807, "mmlu": 0.3151, "gsm8k": 0.0455,
+                "humaneval": 0.0854, "chatcore": 0.0884}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def _tqdm(total, desc):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+# ----------------------------------------------------------------------------------- jitted forwards
+@partial(jax.jit, static_argnames=("graphdef",))
+def _losses_and_predictions(graphdef, state, ids_BT):
+    """Per position: cross-entropy of the next token (last column 0) and the argmax prediction."""
+    model = nnx.merge(graphdef, state)
+    h_BTD = model.hidden(ids_BT)
+    targets_BT = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, -1:]], axis=1)
+
+    def row(args):  # one row's logits at a time: (T, V) float32, never (B, T, V)
+        h_TD, y_T = args
+        z = model.logits(h_TD)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.take_along_axis(z, y_T[:, None], axis=-1)[:, 0]
+        return lse - picked, jnp.argmax(z, axis=-1).astype(jnp.int32)
+
+    return jax.lax.map(row, (h_BTD, targets_BT))
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _logits_at(graphdef, state, ids_BT, pos_B):
+    model = nnx.merge(graphdef, state)
+    h_BTD = model.hidden(ids_BT)
+    h_BD = jnp.take_along_axis(h_BTD, pos_B[:, None, None], axis=1)[:, 0]
+    return model.logits(h_BD)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _bpb_sums(graphdef, state, inputs, targets, token_bytes):
+    losses = nnx.merge(graphdef, state).token_losses(inputs, targets)
+    nbytes = jnp.where(targets >= 0, token_bytes[jnp.maximum(targets, 0)], 0)
+    return jnp.sum(jnp.where(nbytes > 0, losses, 0.0)), jnp.sum(nbytes)
+
+
+def _bucket(n: int, cap: int) -> int:
+    b = 32
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+def core_forward(model):
+    graphdef, state = nnx.split(model)
+
+    def forward(ids):
+        losses, preds = _losses_and_predictions(graphdef, state, jnp.asarray(ids))
+        return np.asarray(losses), np.asarray(preds)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------------- base evals
+def evaluate_core(model, tokenizer, *, max_per_task=-1, bundle_dir=None, batch_rows=32) -> dict:
+    from nanojax.tasks import core
+
+    bundle = core.ensure_bundle(bundle_dir)
+    return core.evaluate_core(core_forward(model), tokenizer, bundle, max_per_task=max_per_task,
+                              max_len=int(model.cfg.seq_len), batch_rows=batch_rows, log=log)
+
+
+def evaluate_bpb(model, tokenizer, config, *, tokens: int | None = None, batch_rows: int = 8) -> dict:
+    """Bits per byte over `tokens` tokens (default config.train.eval_tokens) of the validation split:
+    sum of nats over targets with a byte length > 0 / (ln 2 * their bytes), as nanochat's loss_eval."""
+    import ml_collections
+
+    from nanojax.data import make_iterator
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.data.kind in ("chat", "mid"):
+        config.data.kind = "fineweb"  # bpb is measured on pretraining text, as nanochat
+    seq_len = int(config.model.seq_len)
+    tokens = int(tokens or config.train.eval_tokens)
+    steps = max(1, tokens // (batch_rows * seq_len))
+    token_bytes = jnp.asarray(np.asarray(tokenizer.token_bytes, np.int32))
+    graphdef, state = nnx.split(model)
+    it = make_iterator(config, split="val", batch_size=batch_rows, process_index=0, process_count=1,
+                       tokenizer=tokenizer)
+    nats, nbytes, n = 0.0, 0.0, 0
+    bar = _tqdm(steps, "bpb")
+    try:
+        for _ in range(steps):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            a, b = _bpb_sums(graphdef, state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
+                             token_bytes)
+            nats, nbytes, n = nats + float(a), nbytes + float(b), n + int(np.asarray(batch["targets"]).size)
+            if bar:
+                bar.update(1)
+    finally:
+        if bar:
+            bar.close()
+        close = getattr(it, "close", None)
+        if close:
+            close()
+    if nbytes == 0:
+        raise RuntimeError("the validation split gave no bytes to score (empty split or a tokenizer without "
+                           "token_bytes)")
+    return {"bpb": nats / (math.log(2) * nbytes), "tokens": n, "bytes": nbytes}
+
+
+# ----------------------------------------------------------------------------------- chat evals
+def make_task(name: str, sources: dict | None = None):
+    sources = sources or {}
+    if name == "mmlu":
+        from nanojax.tasks.mmlu import MMLU
+
+        return MMLU(subset="all", split="test", source=sources.get("mmlu"))
+    if name in ("arc_easy", "arc_challenge"):
+        from nanojax.tasks.arc import ARC
+
+        subset = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
+        return ARC(subset=subset, split="test", source=sources.get(name) or sources.get(f"arc/{subset}"))
+    if name == "gsm8k":
+        from nanojax.tasks.gsm8k import GSM8K
+
+        return GSM8K(subset="main", split="test", source=sources.get("gsm8k"))
+    if name == "humaneval":
+        from nanojax.tasks.humaneval import HumanEval
+
+        return HumanEval(split="test", source=sources.get("humaneval"))
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(ALL_TASKS)}")
+
+
+def evaluate_categorical(model, tokenizer, task, *, max_problems=None, batch_size=8, desc="categorical") -> dict:
+    """nanochat's run_categorical_eval: argmax over the choice letters' logits at the answer position."""
+    graphdef, state = nnx.split(model)
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    bos = tokenizer.bos_token_id
+    letter_ids: dict[str, int] = {}
+    passed = 0
+    bar = _tqdm(n, desc)
+    seq_len = int(model.cfg.seq_len)
+    for i0 in range(0, n, batch_size):
+        convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
+        prompts = [tokenizer.render_for_completion(c)[-seq_len:] for c in convs]
+        T = _bucket(max(len(p) for p in prompts), seq_len)
+        ids = np.full((batch_size, T), bos, np.int32)
+        for j, p in enumerate(prompts):
+            ids[j, :len(p)] = p
+        pos = np.array([len(p) - 1 for p in prompts] + [0] * (batch_size - len(prompts)), np.int32)
+        logits = np.asarray(_logits_at(graphdef, state, jnp.asarray(ids), jnp.asarray(pos)))
+        for j, conv in enumerate(convs):
+            letters = conv["letters"]
+            for letter in letters:
+                if letter not in letter_ids:
+                    enc = tokenizer.encode(letter)
+                    if len(enc) != 1:
+                        raise ValueError(f"choice letter {letter!r} is {len(enc)} tokens, expected 1")
+                    letter_ids[letter] = enc[0]
+            choice = int(np.argmax(logits[j, [letter_ids[x] for x in letters]]))
+            passed += int(task.evaluate(conv, letters[choice]))
+        if bar:
+            bar.update(len(convs))
+    if bar:
+        bar.close()
+    return {"accuracy": passed / max(1, n), "passed": passed, "total": n}
+
+
+def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=None, batch_size=8,
+                        num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50, seed=42,
+                        desc="generative") -> dict:
+    """nanochat's run_generative_eval, batched: `batch_size` problems decode together through the engine;
+    a problem passes when any of its `num_samples` completions passes `task.evaluate`."""
+    from nanojax.engine import Engine
+
+    engine = engine or Engine(model, tokenizer)
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    seq_len = int(model.cfg.seq_len)
+    passed = 0
+    bar = _tqdm(n, desc)
+    for i0 in range(0, n, batch_size):
+        convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
+        prompts = [tokenizer.render_for_completion(c)[-(seq_len - 1):] for c in convs]
+        results, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=seed + i0)
+        for j, conv in enumerate(convs):
+            rows = results[j * num_samples:(j + 1) * num_samples]
+            completions = [tokenizer.decode(r[len(prompts[j]):]) for r in rows]
+            passed += int(any(task.evaluate(conv, c) for c in completions))
+        if bar:
+            bar.update(len(convs))
+            bar.set_postfix(acc=f"{passed / (i0 + len(convs)):.3f}")
+    if bar:
+        bar.close()
+    return {"accuracy": passed / max(1, n), "passed": passed, "total": n}
+
+
+def chatcore(results: dict) -> dict | None:
+    done = [t for t in CHAT_TASKS if t in results and "accuracy" in results[t]]
+    if not done:
+        return None
+    cent = [(results[t]["accuracy"] - CHAT_BASELINES[t]) / (1 - CHAT_BASELINES[t]) for t in done]
+    return {"accuracy": sum(cent) / len(cent), "tasks": done, "complete": len(done) == len(CHAT_TASKS)}
+
+
+# ----------------------------------------------------------------------------------- files
+def run_dir_of(path) -> pathlib.Path:
+    """The run directory for a run dir, its checkpoints/ dir or a checkpoints/<step> dir."""
+    p = pathlib.Path(path).expanduser().resolve()
+    for cand in (p, p.parent, p.parent.parent):
+        if (cand / "checkpoints").is_dir() or (cand / "metrics.jsonl").exists() or (cand / "config.json").exists():
+            return cand
+    return p
+
+
+def markdown_table(results: dict, title: str = "Evaluation") -> str:
+    lines = [f"## {title}", "", "| Metric | this run | nanochat d20 |", "|---|---|---|"]
+    for key in ("core", "bpb") + CHAT_TASKS + ("chatcore",):
+        if key not in results:
+            continue
+        r = results[key]
+        val = r.get("core_metric", r.get("bpb", r.get("accuracy")))
+        ref = NANOCHAT_D20.get(key)
+        extra = ""
+        if "total" in r:
+            extra = f" ({r['passed']}/{r['total']})"
+        if key == "chatcore" and not r.get("complete", True):
+            extra = f" (partial: {', '.join(DISPLAY[t] for t in r['tasks'])})"
+        lines.append(f"| {DISPLAY[key]} | {val:.4f}{extra} | {'-' if ref is None else f'{ref:.4f}'} |")
+    if "core" in results and results["core"].get("centered_results"):
+        lines += ["", "### CORE tasks", "", "| task | accuracy | centred |", "|---|---|---|"]
+        for label, acc in results["core"]["results"].items():
+            lines.append(f"| {label} | {acc:.4f} | {results['core']['centered_results'][label]:.4f} |")
+    meta = results.get("_meta", {})
+    if meta:
+        lines += ["", f"Checkpoint step {meta.get('step')}, evaluated {meta.get('time')}; "
+                      f"max_per_task={meta.get('max_per_task')}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: pathlib.Path, new: dict) -> tuple[pathlib.Path, pathlib.Path]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = run_dir / "eval_results.json", run_dir / "eval_results.md"
+    merged = json.loads(jpath.read_text()) if jpath.exists() else {}
+    merged.update(new)
+    cc = chatcore(merged)
+    if cc:
+        merged["chatcore"] = cc
+    jpath.write_text(json.dumps(merged, indent=2))
+    mpath.write_text(markdown_table(merged))
+    return jpath, mpath
+
+
+# ----------------------------------------------------------------------------------- CLI
+def parse_tasks(spec: str) -> list[str]:
+    names = [t.strip().lower().replace("-", "_") for t in spec.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(ALL_TASKS)
+    if names == ["chat"]:
+        return list(CHAT_TASKS)
+    bad = [t for t in names if t not in ALL_TASKS]
+    if bad:
+        raise SystemExit(f"unknown task(s) {bad}; known: {', '.join(ALL_TASKS)} (or 'all', 'chat')")
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m nanojax.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="run directory (or checkpoints dir / checkpoint step dir)")
+    ap.add_argument("--tasks", default="auto", help=f"comma list of {', '.join(ALL_TASKS)}; 'all'; 'chat'; "
+                                                    "'auto' (default): core,bpb for a base run, the chat tasks for "
+                                                    "a mid/SFT run")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--max-per-task", type=int, default=-1, help="first N examples per task (-1: all)")
+    ap.add_argument("--eval-bundle", default=None, help="local CORE eval bundle dir (default: download to "
+                                                        "$NANOJAX_HOME/data/eval_bundle)")
+    ap.add_argument("--sources", default="", help="local task data, e.g. 'gsm8k=/data/gsm8k,humaneval=/data/he,"
+                                                  "mmlu=...,arc_easy=...,arc_challenge=...'")
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer, if the checkpoint does not name one")
+    ap.add_argument("--batch-size", type=int, default=8, help="problems per batch (categorical and generative)")
+    ap.add_argument("--core-batch-rows", type=int, default=32, help="sequences per CORE forward")
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--bpb-tokens", type=int, default=None, help="validation tokens for bpb "
+                                                                 "(default: train.eval_tokens)")
+    ap.add_argument("--out", default=None, help="directory for eval_results.{json,md} (default: the run dir)")
+    args = ap.parse_args(argv)
+    tasks = parse_tasks(args.tasks) if args.tasks != "auto" else None
+
+    from nanojax.checkpoint import load_model, read_meta
+
+    t0 = time.time()
+    model, tokenizer, config = load_model(args.run, args.step)
+    if tokenizer is None:
+        from nanojax.tokenizer import Tokenizer
+
+        if args.tokenizer_dir is None:
+            from nanojax import paths
+
+            args.tokenizer_dir = str(paths.tokenizer_dir())
+        tokenizer = Tokenizer.load(args.tokenizer_dir)
+    _, step = read_meta(args.run, args.step)
+    if tasks is None:
+        tasks = list(CHAT_TASKS) if config.data.kind in ("chat", "mid") else list(BASE_TASKS)
+    log(f"loaded {args.run} step {step} in {time.time() - t0:.1f}s; tasks: {', '.join(tasks)}")
+    sources = {}
+    for item in filter(None, (s.strip() for s in args.sources.split(","))):
+        k, _, v = item.partition("=")
+        sources[k.strip().lower().replace("-", "_")] = v.strip()
+    max_problems = None if args.max_per_task is None or args.max_per_task < 0 else args.max_per_task
+    results: dict = {}
+    engine = None
+    for name in tasks:
+        t = time.time()
+        if name == "core":
+            r = evaluate_core(model, tokenizer, max_per_task=args.max_per_task, bundle_dir=args.eval_bundle,
+                              batch_rows=args.core_batch_rows)
+            log(f"CORE {r['core_metric']:.4f}")
+        elif name == "bpb":
+            r = evaluate_bpb(model, tokenizer, config, tokens=args.bpb_tokens)
+            log(f"val bpb {r['bpb']:.4f}")
+        else:
+            task = make_task(name, sources)
+            if task.eval_type == "categorical":
+                r = evaluate_categorical(model, tokenizer, task, max_problems=max_problems,
+                                         batch_size=args.batch_size, desc=DISPLAY[name])
+            else:
+                if engine is None:
+                    from nanojax.engine import Engine
+
+                    engine = Engine(model, tokenizer)
+                r = evaluate_generative(model, tokenizer, task, engine=engine, max_problems=max_problems,
+                                        batch_size=args.batch_size, num_samples=args.num_samples,
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        top_k=args.top_k, desc=DISPLAY[name])
+            log(f"{DISPLAY[name]}: {r['accuracy']:.4f} ({r['passed']}/{r['total']})")
+        r["seconds"] = time.time() - t
+        results[name] = r
+    results["_meta"] = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "max_per_task": args.max_per_task, "backend": jax.default_backend()}
+    out = pathlib.Path(args.out) if args.out else run_dir_of(args.run)
+    jpath, mpath = write_results(out, results)
+    log(f"wrote {jpath} and {mpath}")
+    log(mpath.read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
