@@ -1,0 +1,72 @@
+"""What the terminal and web chats share: load a chat model, fit a conversation into the context, stream text.
+
+The conversation is kept as messages and re-rendered with `render_for_completion` each turn, so what the
+model sees is exactly what SFT trained on. When the history no longer fits `model.seq_len` together with the
+reply budget, the oldest user/assistant pairs are dropped (and the caller is told) instead of crashing
+(nanochat issue #581).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+PLACEHOLDER = {"role": "assistant", "content": "…"}  # dropped again by render_for_completion
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, *, use_tool: bool = True):
+        from nanojax.engine import Engine
+
+        if tokenizer is None:
+            raise ValueError("this run has no tokenizer recorded in its checkpoint metadata; chat needs one "
+                             "(train with data.kind=fineweb/chat/mid, which records data.tokenizer_dir)")
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, tokenizer, use_tool=use_tool)
+        self.seq_len = int(model.cfg.seq_len)
+
+    def prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+        """(prompt ids, number of leading messages dropped to make room for `max_new_tokens`)."""
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("the conversation must end with a user message")
+        if max_new_tokens >= self.seq_len:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room in a {self.seq_len}-token context")
+        dropped = 0
+        system = [m for m in messages[:1] if m.get("role") == "system"]
+        turns = messages[len(system):]
+        while True:
+            ids = self.tokenizer.render_for_completion({"messages": system + turns + [PLACEHOLDER]},
+                                                       max_tokens=10**9)
+            if len(ids) + max_new_tokens <= self.seq_len:
+                return ids, dropped
+            if len(turns) <= 1:
+                raise ValueError(f"the message is {len(ids)} tokens; with a {max_new_tokens}-token reply it does "
+                                 f"not fit the model's {self.seq_len}-token context")
+            turns = turns[2:]  # drop the oldest user/assistant pair
+            dropped += 2
+
+    def stream(self, messages: list[dict], *, temperature: float = 0.6, top_k: int = 50,
+               max_tokens: int = 256, seed: int = 42) -> Iterator[str]:
+        """Text of the assistant's reply, piece by piece (never splitting a UTF-8 character)."""
+        ids, _ = self.prompt(messages, max_tokens)
+        out: list[int] = []
+        shown = ""
+        for column, _ in self.engine.generate(ids, num_samples=1, max_tokens=max_tokens,
+                                              temperature=temperature, top_k=top_k, seed=seed):
+            tok = column[0]
+            if tok in self.engine.stop_tokens:
+                break
+            out.append(tok)
+            text = self.tokenizer.decode(out)
+            if text.endswith("\ufffd"):
+                continue
+            yield text[len(shown):]
+            shown = text
+        text = self.tokenizer.decode(out)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+
+
+def load_session(run_dir: str, step: int | None = None) -> ChatSession:
+    from nanojax.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(run_dir, step)
+    return ChatSession(model, tokenizer)

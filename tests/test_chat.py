@@ -1,0 +1,109 @@
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import jax
+import pytest
+from flax import nnx
+
+from helpers import micro_config
+from nanojax import chat_cli, chat_web
+from nanojax.chat_session import ChatSession
+from nanojax.model import GPT
+from nanojax.tokenizer import Tokenizer
+
+TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "Hello there, how are you today? " * 20,
+        "Numbers 123 and 4567 and symbols !?; " * 20]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(TEXT, 320)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    c = micro_config()
+    c.model.vocab_size = tokenizer.vocab_size
+    c.model.seq_len = 64
+    m = GPT(c.model, rngs=nnx.Rngs(0))
+    state = nnx.state(m, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), 16))
+    nnx.update(m, jax.tree.map(lambda x: 0.5 * jax.random.normal(next(keys), x.shape), state))
+    return m
+
+
+def _chat(n_pairs):
+    msgs = []
+    for i in range(n_pairs):
+        msgs += [{"role": "user", "content": f"hello there {i}"}, {"role": "assistant", "content": "the fox"}]
+    return msgs + [{"role": "user", "content": "how are you"}]
+
+
+def test_prompt_drops_oldest_turns_to_fit(model, tokenizer):
+    session = ChatSession(model, tokenizer)
+    ids, dropped = session.prompt(_chat(1), 16)
+    assert dropped == 0 and ids[0] == tokenizer.bos_token_id
+    assert ids[-1] == tokenizer.encode_special("<|assistant_start|>")
+    ids, dropped = session.prompt(_chat(12), 16)
+    assert dropped > 0 and dropped % 2 == 0
+    assert len(ids) + 16 <= 64
+    with pytest.raises(ValueError, match="does not fit"):
+        session.prompt([{"role": "user", "content": "fox " * 200}], 16)
+    with pytest.raises(ValueError, match="end with a user message"):
+        session.prompt(_chat(1)[:-1], 16)
+
+
+def test_stream_equals_greedy_engine_output(model, tokenizer):
+    session = ChatSession(model, tokenizer)
+    msgs = _chat(1)
+    text = "".join(session.stream(msgs, temperature=0.0, max_tokens=12))
+    ids, _ = session.prompt(msgs, 12)
+    tokens = []
+    for column, _ in session.engine.generate(ids, max_tokens=12, temperature=0.0):
+        if column[0] in session.engine.stop_tokens:
+            break
+        tokens.append(column[0])
+    assert text == tokenizer.decode(tokens)
+
+
+def test_web_api_streams_and_validates(model, tokenizer):
+    server = chat_web.serve(ChatSession(model, tokenizer), port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert json.load(urllib.request.urlopen(base + "/health", timeout=30))["status"] == "ok"
+        assert b"nanojax chat" in urllib.request.urlopen(base + "/", timeout=30).read()
+        body = json.dumps({"messages": _chat(1), "temperature": 0.0, "max_tokens": 8}).encode()
+        req = urllib.request.Request(base + "/chat/completions", body, {"Content-Type": "application/json"})
+        events = [json.loads(line[6:]) for line in urllib.request.urlopen(req, timeout=60).read().decode().split("\n")
+                  if line.startswith("data: ")]
+        assert events[-1] == {"done": True}
+        assert all("token" in e for e in events[:-1])
+        for bad, field in [({"messages": []}, "'messages'"), ({"messages": _chat(1), "top_k": 500}, "'top_k'"),
+                           ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role")]:
+            req = urllib.request.Request(base + "/chat/completions", json.dumps(bad).encode())
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            assert e.value.code == 400 and field in json.load(e.value)["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_cli_single_prompt(model, tokenizer, tmp_path, capsys):
+    from nanojax.checkpoint import Checkpointer
+
+    tok_dir = tmp_path / "tok"
+    tokenizer.save(tok_dir)
+    config = micro_config()
+    config.model.vocab_size, config.model.seq_len = tokenizer.vocab_size, 64
+    ck = Checkpointer(tmp_path / "run", async_save=False)
+    ck.save(1, nnx.state(model, nnx.Param), None, None,
+            {"step": 1, "config": config.to_dict(), "tokenizer_dir": str(tok_dir)}, force=True)
+    ck.close()
+    assert chat_cli.main([str(tmp_path / "run"), "-p", "hello there", "--temperature", "0", "--max-tokens", "6"]) == 0
+    assert "Assistant: " in capsys.readouterr().out
+    assert chat_cli.main([str(tmp_path / "missing"), "-p", "x"]) == 2
