@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The tiny end-to-end pipeline on CPU, in a few minutes: data -> tokenizer -> base model -> inspect.
-#   bash launch/quickstart.sh                    # downloads FineWeb-Edu shard 0 + the validation shard
-#   bash launch/quickstart.sh --text FILE.parquet   # offline: any parquet file with a `text` column
-# Extra arguments after `--` go to the trainer, e.g. `-- --config.train.num_iterations=50`.
+# The tiny end-to-end pipeline on CPU: data -> tokenizer -> base model -> SFT -> evaluation -> chat.
+#   bash launch/quickstart.sh          # downloads FineWeb-Edu shard 0 + the validation shard, and GSM8K
+#   bash launch/quickstart.sh --text FILE.parquet --gsm8k DIR    # offline: any parquet file with a `text`
+#                                      # column, and a folder with GSM8K's train.jsonl / test.jsonl
+# BASE_STEPS (default 200) and SFT_STEPS (default 60) shorten or lengthen the two training runs.
+# Extra arguments after `--` go to the base trainer, e.g. `-- --config.train.eval_every=25`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 text=""
+gsm8k=""
 train_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --text) text="$2"; shift 2 ;;
+    --gsm8k) gsm8k="$2"; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -21,7 +25,7 @@ py=.venv/bin/python
 home=${NANOJAX_HOME:-$HOME/.cache/nanojax}
 data="$home/data/fineweb"
 
-echo "== 1/4 data"
+echo "== 1/7 data"
 if [ -n "$text" ]; then
   data="$home/data/quickstart"
   "$py" - "$text" "$data" <<'PYEOF'
@@ -44,15 +48,33 @@ else
   "$py" -m nanojax.data.fineweb download -n 1
 fi
 
-echo "== 2/4 tokenizer (8,192 tokens)"
+echo "== 2/7 tokenizer (8,192 tokens)"
 tok="$home/tokenizer-8k"
 if [ ! -f "$tok/tokenizer_meta.json" ]; then
   "$py" -m nanojax.tokenizer train --data_dir "$data" --vocab_size 8192 --max_chars 200000000 --tokenizer_dir "$tok"
 fi
 
-echo "== 3/4 base model (configs/tiny.py; re-running resumes)"
+echo "== 3/7 base model (configs/tiny.py; re-running resumes)"
 "$py" -m nanojax.train --config=configs/tiny.py --config.data.path="$data" --config.data.tokenizer_dir="$tok" \
-  ${train_args[@]+"${train_args[@]}"}
-
-echo "== 4/4 the checkpoint"
+  --config.train.num_iterations="${BASE_STEPS:-200}" ${train_args[@]+"${train_args[@]}"}
 "$py" -m nanojax.inspect "$home/runs/tiny"
+
+echo "== 4/7 base model evaluation (bits per byte on the validation shard)"
+"$py" -m nanojax.evaluate "$home/runs/tiny" --tasks=bpb --bpb-tokens=131072
+
+echo "== 5/7 SFT on GSM8K conversations (configs/tiny_sft.py, straight from the base run)"
+sources=()
+[ -n "$gsm8k" ] && sources=(--config.data.task_sources="gsm8k=$gsm8k")
+"$py" -m nanojax.train --config=configs/tiny_sft.py --config.train.init_from="$home/runs/tiny" \
+  --config.data.tokenizer_dir="$tok" --config.train.num_iterations="${SFT_STEPS:-60}" \
+  --config.train.eval_every=0 ${sources[@]+"${sources[@]}"}
+
+echo "== 6/7 chat model evaluation (GSM8K, 20 problems, calculator on)"
+eval_sources=()
+[ -n "$gsm8k" ] && eval_sources=(--sources "gsm8k=$gsm8k")
+"$py" -m nanojax.evaluate "$home/runs/tiny_chat" --tasks=gsm8k --max-per-task=20 --max-new-tokens=128 \
+  ${eval_sources[@]+"${eval_sources[@]}"}
+
+echo "== 7/7 chat (a tiny model on a CPU: expect fluent-looking nonsense)"
+"$py" -m nanojax.chat_cli "$home/runs/tiny_chat" -p "What is 12 times 7?" --max-tokens 64
+echo "done: runs in $home/runs; report card: python -m nanojax.report $home/runs/tiny $home/runs/tiny_chat"
