@@ -7,7 +7,9 @@ Every parameter carries logical axis names; `nanojax.sharding` maps them onto th
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +67,32 @@ def apply_rope(x_BTHD: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], axis=-1)
 
 
-def attention_implementation(name: str, dtype: Dtype) -> str | None:
-    """'auto': cuDNN flash attention on GPU in 16-bit, XLA's reference otherwise."""
+@functools.lru_cache(maxsize=None)
+def _cudnn_attention_works(dtype_name: str, n_head: int, n_kv_head: int, head_dim: int) -> bool:
+    """Compile a small causal cuDNN attention once: old cuDNN/driver or unsupported shapes fall back to XLA."""
+    try:
+        q = jax.ShapeDtypeStruct((1, 128, n_head, head_dim), jnp.dtype(dtype_name))
+        kv = jax.ShapeDtypeStruct((1, 128, n_kv_head, head_dim), jnp.dtype(dtype_name))
+        fn = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+        jax.jit(jax.grad(lambda a, b, c: fn(a, b, c).astype(jnp.float32).sum(), argnums=(0, 1, 2))).lower(
+            q, kv, kv).compile()
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means "use the portable path"
+        warnings.warn(f"cuDNN attention unavailable ({type(e).__name__}: {str(e)[:200]}); using XLA's attention "
+                      f"(more memory: consider --config.model.remat=full)", stacklevel=2)
+        return False
+
+
+def attention_implementation(name: str, dtype: Dtype, n_head: int = 1, n_kv_head: int = 1,
+                             head_dim: int = 128) -> str | None:
+    """'auto': cuDNN flash attention on GPU in 16-bit when it compiles there, XLA's reference otherwise."""
     if name == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else None
+        if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 and \
+                _cudnn_attention_works(jnp.dtype(dtype).name, n_head, n_kv_head, head_dim):
+            return "cudnn"
+        return None
+    if name not in ("xla", "cudnn"):
+        raise ValueError(f"model.attention_impl={name!r}: expected auto, xla or cudnn")
     return None if name == "xla" else name
 
 
@@ -102,7 +126,7 @@ class Attention(nnx.Module):
         self.c_k = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), **kw)
         self.c_v = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), **kw)
         self.c_proj = Dense(cfg.n_head * hd, d, ("heads", "embed"), zero_init=True, **kw)
-        self.implementation = attention_implementation(cfg.attention_impl, dtype)
+        self.implementation = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, hd)
 
     def __call__(self, x_BTD, cos_TF, sin_TF):
         B, T, _ = x_BTD.shape
