@@ -433,6 +433,11 @@ def main(argv):
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: the message says what and where
+        if os.environ.get("NANOJAX_TRACEBACK"):
+            raise
+        print(f"error: {e}\n(set NANOJAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
             c = flags.FLAGS.config

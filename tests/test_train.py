@@ -183,3 +183,13 @@ def test_micro_batches_of_different_lengths_are_padded_without_changing_the_loss
     assert out["inputs"].shape == (2, 2, 6)
     assert (out["targets"][0, :, 4:] == -1).all() and (out["inputs"][0, :, 4:] == 0).all()
     assert (out["targets"][1] == 1).all()
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "NANOJAX_HOME": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env.pop("NANOJAX_TRACEBACK", None)
+    out = subprocess.run([sys.executable, "-m", "nanojax.train", f"--config={ROOT / 'configs' / 'tiny.py'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "error: no tokenizer at" in out.stderr and "python -m nanojax.tokenizer train" in out.stderr
+    assert "Traceback" not in out.stderr
