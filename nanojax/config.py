@@ -61,7 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     m.softcap = 15.0
     m.mlp_ratio = 4
     m.scan_layers = True  # nnx.scan over stacked layers (False: a Python loop, same numbers)
-    m.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    # none | full | dots (save matmul outputs, recompute the rest) | auto: none on CPU or with cuDNN flash
+    # attention; full where attention is XLA's on an accelerator (it stores B·H·T² scores per layer: d20 needs it)
+    m.remat = "auto"
     m.attention_impl = "auto"  # auto | xla | cudnn
     m.compute_dtype = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
     m.param_dtype = "float32"
@@ -174,8 +176,8 @@ def fill_model_sizes(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             m.n_kv_head = m.n_head
     if m.n_head % m.n_kv_head:
         raise ValueError(f"model.n_head={m.n_head} must be a multiple of model.n_kv_head={m.n_kv_head}")
-    if m.remat not in ("none", "full", "dots"):
-        raise ValueError(f"model.remat={m.remat!r}: expected one of none, full, dots")
+    if m.remat not in ("auto", "none", "full", "dots"):
+        raise ValueError(f"model.remat={m.remat!r}: expected one of auto, none, full, dots")
     return m
 
 
