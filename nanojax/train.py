@@ -162,6 +162,16 @@ def global_batch(local_arrays: dict, sharding, global_rows_axis: int, global_row
     return out
 
 
+def reset_step_counts(opt_state):
+    """Zero every optimizer `count` (Adam bias correction, schedules, Muon momentum warm-up), keep the rest."""
+    def one(path, x):
+        last = path[-1] if path else None
+        name = getattr(last, "name", getattr(last, "key", None))
+        return jnp.zeros_like(x) if name == "count" else x
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
 def stack_micro_batches(micro: list[dict]) -> dict:
     """(accum, rows, T) arrays; micro-batches of different lengths (SFT buckets) are padded to the longest,
     inputs with token 0 and targets with −1, which changes no loss."""
@@ -295,7 +305,9 @@ def run(config) -> dict:
             source = {"path": str(config.train.init_from), "step": src_step}
             log(f"initialised parameters from {config.train.init_from} (step {src_step})")
         if config.train.init_optimizer_state and config.train.init_from:
-            opt_state = ckpt.load_opt_state(config.train.init_from, state.abstract_opt, source["step"])
+            # momenta carry over; step counters restart so this stage's LR/momentum schedules start at step 0
+            opt_state = reset_step_counts(
+                ckpt.load_opt_state(config.train.init_from, state.abstract_opt, source["step"]))
         else:
             opt_state = state.init_opt_state(params)
     log(f"state ready in {time.time() - t0:.1f}s")

@@ -193,3 +193,26 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     assert out.returncode == 2
     assert "error: no tokenizer at" in out.stderr and "python -m nanojax.tokenizer train" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_init_optimizer_state_carries_momenta_but_restarts_schedules(tmp_path):
+    import optax
+
+    from nanojax import sharding as shd
+    from nanojax.config import derive
+    from nanojax.train import TrainState
+
+    base = micro_config(tmp_path / "base", steps=3)
+    run(base)
+    nxt = micro_config(tmp_path / "next", steps=1)
+    nxt.train.init_from = base.run_dir
+    nxt.train.init_optimizer_state = True
+    run(nxt)
+    state = TrainState(nxt, shd.make_mesh(nxt.mesh, jax.devices()[:1]), derive(nxt, 1))
+    counts = {}
+    for name, run_dir, step in (("base", base.run_dir, 3), ("next", nxt.run_dir, 1)):
+        opt = ckpt.load_opt_state(run_dir, state.abstract_opt, step)
+        found = optax.tree_utils.tree_get_all_with_path(opt, "count")
+        assert found, "no step counters in the optimizer state"
+        counts[name] = {int(v) for _, v in found}
+    assert counts == {"base": {3}, "next": {1}}
