@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanojax.chat_session import add_model_arguments, session_from_args
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nanojax.chat_cli", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", help="a run directory (e.g. $NANOJAX_HOME/runs/chat_d20) or checkpoint")
-    ap.add_argument("--step", type=int, default=None)
+    add_model_arguments(ap)
     ap.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     ap.add_argument("--system", default=None, help="a system message (merged into the first user turn)")
     ap.add_argument("--temperature", type=float, default=0.6)
@@ -24,12 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args(argv)
 
-    from nanojax.chat_session import load_session
-
-    try:
-        session = load_session(args.run_dir, args.step)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    session = session_from_args(args)
+    if session is None:
         return 2
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = list(system)

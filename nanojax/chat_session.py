@@ -70,3 +70,20 @@ def load_session(run_dir: str, step: int | None = None) -> ChatSession:
 
     model, tokenizer, _ = load_model(run_dir, step)
     return ChatSession(model, tokenizer)
+
+
+def add_model_arguments(ap) -> None:
+    """The arguments every chat front end takes to find its model."""
+    ap.add_argument("run_dir", help="a run directory (e.g. $NANOJAX_HOME/runs/chat_d20) or checkpoint")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+
+
+def session_from_args(args) -> ChatSession | None:
+    """The session for parsed `add_model_arguments`, or None after printing why it cannot be loaded."""
+    import sys
+
+    try:
+        return load_session(args.run_dir, args.step)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

@@ -17,6 +17,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from nanojax.chat_session import add_model_arguments, session_from_args
+
 LIMITS = {"messages": 500, "chars_per_message": 8000, "chars_total": 32000, "temperature": (0.0, 2.0),
           "top_k": (0, 200), "max_tokens": (1, 4096)}
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_tokens": 512}
@@ -126,17 +128,12 @@ def serve(session, host: str = "127.0.0.1", port: int = 8000, name: str = "nanoj
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nanojax.chat_web", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir")
-    ap.add_argument("--step", type=int, default=None)
+    add_model_arguments(ap)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     args = ap.parse_args(argv)
-    from nanojax.chat_session import load_session
-
-    try:
-        session = load_session(args.run_dir, args.step)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    session = session_from_args(args)
+    if session is None:
         return 2
     server = serve(session, args.host, args.port, name=pathlib.Path(args.run_dir).name)
     print(f"nanojax chat: http://{args.host}:{server.server_address[1]}/  (Ctrl-C to stop)", flush=True)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanojax.model import eval_sums
+
 BASE_TASKS = ("core", "bpb")
 CHAT_TASKS = ("mmlu", "arc_easy", "arc_challenge", "gsm8k", "humaneval")
 ALL_TASKS = BASE_TASKS + CHAT_TASKS
@@ -81,9 +83,8 @@ def _logits_at(graphdef, state, ids_BT, pos_B):
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _bpb_sums(graphdef, state, inputs, targets, token_bytes):
-    losses = nnx.merge(graphdef, state).token_losses(inputs, targets)
-    nbytes = jnp.where(targets >= 0, token_bytes[jnp.maximum(targets, 0)], 0)
-    return jnp.sum(jnp.where(nbytes > 0, losses, 0.0)), jnp.sum(nbytes)
+    sums = eval_sums(nnx.merge(graphdef, state), inputs, targets, token_bytes)
+    return sums["nats_with_bytes"], sums["bytes"]
 
 
 def _bucket(n: int, cap: int) -> int:

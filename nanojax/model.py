@@ -284,6 +284,21 @@ class GPT(nnx.Module):
         return jnp.sum(losses_BT), jnp.sum(targets_BT >= 0).astype(jnp.float32)
 
 
+def eval_sums(model: GPT, tokens_BT, targets_BT, token_bytes_V) -> dict:
+    """Sums behind validation loss and bits per byte (nanochat's loss_eval): loss over counted targets, their
+    count, and the nats and bytes of targets with a byte length > 0 (special tokens have 0 bytes).
+    bits per byte = nats_with_bytes / (ln 2 · bytes)."""
+    losses_BT = model.token_losses(tokens_BT, targets_BT)
+    valid_BT = targets_BT >= 0
+    nbytes_BT = jnp.where(valid_BT, token_bytes_V[jnp.maximum(targets_BT, 0)], 0)
+    return {
+        "loss_sum": jnp.sum(jnp.where(valid_BT, losses_BT, 0.0)),
+        "count": jnp.sum(valid_BT).astype(jnp.float32),
+        "nats_with_bytes": jnp.sum(jnp.where(nbytes_BT > 0, losses_BT, 0.0)),
+        "bytes": jnp.sum(nbytes_BT).astype(jnp.float32),
+    }
+
+
 def mean_loss(model: GPT, tokens_BT, targets_BT) -> jax.Array:
     """Cross-entropy averaged over counted tokens (targets of −1 ignored), as F.cross_entropy(ignore_index=-1)."""
     total, count = model.loss(tokens_BT, targets_BT)

@@ -26,7 +26,7 @@ from nanojax import config as cfglib
 from nanojax import paths
 from nanojax import sharding as shd
 from nanojax.data import make_iterator
-from nanojax.model import GPT
+from nanojax.model import GPT, eval_sums
 from nanojax.optim import build_optimizer, current_lrs, muon_momentum
 
 def log(*args):
@@ -133,15 +133,7 @@ class TrainState:
 
         def eval_step(params, inputs, targets, token_bytes):
             with jax.sharding.use_abstract_mesh(abstract_mesh):
-                losses = nnx.merge(graphdef, params).token_losses(inputs, targets)
-            valid = targets >= 0
-            nbytes = jnp.where(valid, token_bytes[jnp.maximum(targets, 0)], 0)
-            return {
-                "loss_sum": jnp.sum(jnp.where(valid, losses, 0.0)),
-                "count": jnp.sum(valid).astype(jnp.float32),
-                "nats_with_bytes": jnp.sum(jnp.where(nbytes > 0, losses, 0.0)),
-                "bytes": jnp.sum(nbytes).astype(jnp.float32),
-            }
+                return eval_sums(nnx.merge(graphdef, params), inputs, targets, token_bytes)
 
         self.eval_step = jax.jit(
             eval_step, in_shardings=(self.param_shardings, self.eval_sharding, self.eval_sharding, rep),
