@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanojax.engine import bucket
 from nanojax.model import eval_sums
 
 BASE_TASKS = ("core", "bpb")
@@ -85,13 +86,6 @@ def _logits_at(graphdef, state, ids_BT, pos_B):
 def _bpb_sums(graphdef, state, inputs, targets, token_bytes):
     sums = eval_sums(nnx.merge(graphdef, state), inputs, targets, token_bytes)
     return sums["nats_with_bytes"], sums["bytes"]
-
-
-def _bucket(n: int, cap: int) -> int:
-    b = 32
-    while b < n:
-        b *= 2
-    return min(b, cap)
 
 
 def core_forward(model):
@@ -190,7 +184,7 @@ def evaluate_categorical(model, tokenizer, task, *, max_problems=None, batch_siz
     for i0 in range(0, n, batch_size):
         convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
         prompts = [tokenizer.render_for_completion(c)[-seq_len:] for c in convs]
-        T = _bucket(max(len(p) for p in prompts), seq_len)
+        T = bucket(max(len(p) for p in prompts), minimum=32, cap=seq_len)
         ids = np.full((batch_size, T), bos, np.int32)
         for j, p in enumerate(prompts):
             ids[j, :len(p)] = p
