@@ -148,6 +148,13 @@ def read_meta(path, step: int | None = None) -> tuple[dict, int]:
 # -- parameters only ---------------------------------------------------------------------------------
 
 
+def stored_tree(item_dir):
+    """The array metadata tree (shapes, dtypes, shardings) of one saved item, without reading any array."""
+    meta = ocp.StandardCheckpointer().metadata(item_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)
+
+
 def _shape_mismatches(abstract_params, stored_meta) -> list[str]:
     from nanojax.model import param_name
 
@@ -168,17 +175,13 @@ def load_params(path, abstract_params, step: int | None = None):
     """Parameters only, sharded as `abstract_params` says; refuses any shape mismatch, listing them all."""
     ckpts, step = resolve_step_dir(path, step)
     params_dir = ckpts / str(step) / "params"
-    ckptr = ocp.StandardCheckpointer()
-    stored = ckptr.metadata(params_dir)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    problems = _shape_mismatches(abstract_params, stored_tree)
+    problems = _shape_mismatches(abstract_params, stored_tree(params_dir))
     if problems:
         raise ValueError(
             f"checkpoint {params_dir} does not fit this model ({len(problems)} mismatches):\n  "
             + "\n  ".join(problems[:50])
         )
-    params = ckptr.restore(params_dir, target=abstract_params)
+    params = ocp.StandardCheckpointer().restore(params_dir, target=abstract_params)
     return params, step
 
 

@@ -12,14 +12,6 @@ import sys
 import numpy as np
 
 
-def _tree_meta(directory):
-    import orbax.checkpoint as ocp
-
-    meta = ocp.StandardCheckpointer().metadata(directory)
-    tree = getattr(meta, "item_metadata", meta)
-    return getattr(tree, "tree", tree)
-
-
 def _leaves(tree):
     import jax
 
@@ -43,13 +35,13 @@ def _leaves(tree):
 
 
 def inspect_checkpoint(path, step: int | None = None) -> dict:
-    from nanojax.checkpoint import read_meta, resolve_step_dir
+    from nanojax.checkpoint import read_meta, resolve_step_dir, stored_tree
 
     ckpts, step = resolve_step_dir(path, step)
     step_dir = ckpts / str(step)
     meta, _ = read_meta(path, step)
-    params = _leaves(_tree_meta(step_dir / "params"))
-    opt = _leaves(_tree_meta(step_dir / "opt_state")) if (step_dir / "opt_state").exists() else []
+    params = _leaves(stored_tree(step_dir / "params"))
+    opt = _leaves(stored_tree(step_dir / "opt_state")) if (step_dir / "opt_state").exists() else []
     data_files = sorted(p.name for p in (step_dir / "data").glob("*.json")) if (step_dir / "data").exists() else []
     all_steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     return {
