@@ -6,7 +6,9 @@ Every tool takes `--config=configs/X.py` (a file whose `get_config()` returns a 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import pathlib
 
 import ml_collections
 
@@ -29,9 +31,6 @@ PEAK_FLOPS = {
 
 def load_config_file(path) -> ml_collections.ConfigDict:
     """`get_config()` of a configs/*.py file given by path (lets one config build on another)."""
-    import importlib.util
-    import pathlib
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
@@ -116,7 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     d = c.data
-    d.kind = "synthetic"  # synthetic | fineweb | chat (SFT) | mid (midtraining)
+    d.kind = "synthetic"  # synthetic | fineweb | mid (midtraining) | sft (old name: chat); see nanojax.data.kinds
     d.path = ""  # shard directory ("" -> $NANOJAX_HOME/data/fineweb)
     d.tokenizer_dir = ""  # "" -> $NANOJAX_HOME/tokenizer
     d.seed = 0
@@ -126,7 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.prefetch = 2  # batches kept ready by a background thread
     d.worker_count = 0  # grain worker processes (0: threads only, fastest on small hosts)
     d.shuffle = True  # shuffle training row groups (per epoch, seeded)
-    # conversation stages (kind chat = SFT, mid = midtraining; see nanojax/data/chat.py)
+    # conversation stages (kind sft, mid = midtraining; see nanojax/data/chat.py)
     d.train_tasks = ""  # task mixture, e.g. "smoltalk:train, mmlu/auxiliary_train:train, gsm8k/main:train"
     d.val_tasks = ""  # e.g. "smoltalk:test"
     d.task_sources = ""  # local data instead of the HF hub: "gsm8k=/data/gsm8k, smoltalk=/data/smoltalk"
@@ -151,6 +150,11 @@ class Derived:
     num_iterations: int
     total_tokens: int
 
+    def mfu(self, tokens_per_s: float, device_kind: str) -> float | None:
+        """Model FLOPs utilisation: achieved FLOP/s over the devices' dense bf16 peak (None: peak unknown)."""
+        peak = peak_flops(device_kind)
+        return self.flops_per_token * tokens_per_s / (peak * self.num_devices) if peak else None
+
     def summary(self) -> str:
         return "\n".join(
             [
@@ -165,37 +169,95 @@ class Derived:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's static facts, typed, frozen and hashable (jit and NNX treat it as static); `ModelConfig.of`
+    builds it from `config.model`, the one place where sizes follow from depth.
+
+    Shape letters in tensor names (`x_BTD`), one meaning each:
+      B  rows of a batch                           L  layers (depth)
+      T  positions of this call (the queries)      S  key/value positions: cache slots, or T without a cache
+      D  model width                               V  vocabulary
+      H  query heads                               K  key/value heads
+      G  query heads per key/value head (H/K)      E  head dimension
+      F  RoPE frequencies (E/2)                    M  MLP hidden width (mlp_ratio·D)
+      C  loss chunks along the sequence            P  positions per loss chunk (loss_chunk_size)
+      N  any number of leading axes
+    """
+
+    depth: int
+    aspect_ratio: int
+    head_dim: int
+    width: int
+    n_head: int
+    n_kv_head: int
+    vocab_size: int
+    seq_len: int
+    rope_base: float
+    softcap: float
+    mlp_ratio: int
+    scan_layers: bool
+    remat: str
+    attention_impl: str
+    compute_dtype: str
+    param_dtype: str
+    loss_chunk_size: int
+
+    @classmethod
+    def of(cls, m) -> ModelConfig:
+        """From `config.model` (a ConfigDict or dict, possibly saved by an older nanojax: missing keys take
+        today's defaults; unknown keys are an error naming them). Depth drives size (nanochat launch):
+        width = aspect_ratio·depth, heads of head_dim, ceil(width / head_dim) of them, no grouping."""
+        if isinstance(m, ModelConfig):
+            return m
+        values = default_config().model.to_dict()
+        given = m.to_dict() if isinstance(m, ml_collections.ConfigDict) else dict(m)
+        unknown = sorted(set(given) - set(values))
+        if unknown:
+            raise ValueError(f"config.model has unknown key(s) {unknown}; known: {sorted(values)}")
+        values.update(given)
+        if values["width"] <= 0:
+            values["width"] = values["aspect_ratio"] * values["depth"]
+        if values["n_head"] <= 0:
+            values["n_head"] = math.ceil(values["width"] / values["head_dim"])
+        if values["n_kv_head"] <= 0:
+            values["n_kv_head"] = values["n_head"]
+        mc = cls(**values)
+        if mc.n_head % mc.n_kv_head:
+            raise ValueError(f"model.n_head={mc.n_head} must be a multiple of model.n_kv_head={mc.n_kv_head}")
+        if mc.remat not in ("auto", "none", "full", "dots"):
+            raise ValueError(f"model.remat={mc.remat!r}: expected one of auto, none, full, dots")
+        return mc
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, embedding) parameter counts, from the shapes alone."""
+        d, L, V = self.width, self.depth, self.vocab_size
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        attn = d * q + 2 * d * kv + q * d
+        mlp = 2 * d * self.mlp_ratio * d
+        return V * d + L * (attn + mlp) + d * V, V * d
+
+    def flops_per_token(self) -> float:
+        """nanochat's estimate: 6·(params − embedding) + 12·L·H·E·T (attention scores and values)."""
+        total, embedding = self.param_counts()
+        return 6 * (total - embedding) + 12 * self.depth * self.n_head * self.head_dim * self.seq_len
+
+
 def fill_model_sizes(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Depth drives size (nanochat launch): width = 64·depth, heads of 128, ceil(width/128) of them."""
+    """Write the derived sizes (width, heads) into `config.model`, so config.json and checkpoints show them."""
+    mc = ModelConfig.of(m)
     with m.unlocked():
-        if m.width <= 0:
-            m.width = m.aspect_ratio * m.depth
-        if m.n_head <= 0:
-            m.n_head = math.ceil(m.width / m.head_dim)
-        if m.n_kv_head <= 0:
-            m.n_kv_head = m.n_head
-    if m.n_head % m.n_kv_head:
-        raise ValueError(f"model.n_head={m.n_head} must be a multiple of model.n_kv_head={m.n_kv_head}")
-    if m.remat not in ("auto", "none", "full", "dots"):
-        raise ValueError(f"model.remat={m.remat!r}: expected one of auto, none, full, dots")
+        m.width, m.n_head, m.n_kv_head = mc.width, mc.n_head, mc.n_kv_head
     return m
 
 
-def count_params(m: ml_collections.ConfigDict) -> tuple[int, int]:
-    """(total, embedding) parameter counts, from the shapes alone."""
-    d, L, V = m.width, m.depth, m.vocab_size
-    q = m.n_head * m.head_dim
-    kv = m.n_kv_head * m.head_dim
-    attn = d * q + 2 * d * kv + q * d
-    mlp = 2 * d * m.mlp_ratio * d
-    embedding = V * d
-    return embedding + L * (attn + mlp) + d * V, embedding
+def count_params(m) -> tuple[int, int]:
+    """(total, embedding) parameter counts of `config.model`."""
+    return ModelConfig.of(m).param_counts()
 
 
-def flops_per_token(m: ml_collections.ConfigDict) -> float:
-    """nanochat's estimate: 6·(params − embedding) + 12·L·H·Q·T (attention scores and values)."""
-    total, embedding = count_params(m)
-    return 6 * (total - embedding) + 12 * m.depth * m.n_head * m.head_dim * m.seq_len
+def flops_per_token(m) -> float:
+    return ModelConfig.of(m).flops_per_token()
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -222,7 +284,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
     """Validate the config against the device count and compute everything that follows from it."""
-    m = fill_model_sizes(config.model)
+    m = ModelConfig.of(fill_model_sizes(config.model))
     t = config.train
     data, fsdp, _ = mesh_shape(config.mesh, num_devices)
     dp = data * fsdp
@@ -235,7 +297,7 @@ def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
             f"micro-step; change one of them"
         )
     accum = t.total_batch_size // tokens_per_micro
-    total, embedding = count_params(m)
+    total, embedding = m.param_counts()
     if t.num_iterations > 0:
         iters = t.num_iterations
     elif t.target_param_data_ratio > 0:
@@ -245,7 +307,7 @@ def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
     return Derived(
         num_params=total,
         num_embedding_params=embedding,
-        flops_per_token=flops_per_token(m),
+        flops_per_token=m.flops_per_token(),
         num_devices=num_devices,
         data_parallel=dp,
         grad_accum_steps=accum,

@@ -1,13 +1,12 @@
-"""Jitted KV-cache generation for nanojax GPTs: prefill + single-token decode, batched sampling, calculator tool.
+"""Generation around the model's own forward: jitted prefill + single-token decode, batched sampling, the
+calculator tool. No transformer arithmetic lives here: `model(tokens, cache)` does it (`nanojax.model`).
 
-Shapes are static so nothing recompiles per token: the cache is preallocated as
-`k, v: (layers, rows, kv_heads, T_cache, head_dim)` with `T_cache` one of a few buckets (powers of two,
-at most `model.seq_len`), prompts are right-padded to a bucket length, and each row keeps its own
-position `pos_B`, so rows of different lengths (a batch of different prompts) decode side by side:
-token t of row b is written at `pos_B[b] + t`, rotated by RoPE at that position, and attends to cache
-slots `<= pos_B[b] + t` only (padding is never attended). The forward reuses `nanojax.model`'s
-`rms_norm`, `apply_rope`, `rope_tables` and the model's own parameters (tests check it against
-`model(tokens)`), and works unchanged on parameters sharded over a mesh (jit follows their shardings).
+Shapes are static so nothing recompiles per token: the cache (`model.empty_cache`) is preallocated with a
+length that is one of a few buckets (`nanojax.buckets`, at most `model.seq_len`), prompts are right-padded to
+a bucket length, and each row keeps its own position (`cache.pos`), so rows of different lengths (a batch of
+different prompts) decode side by side; padding is never attended. Jitted functions take the model as
+(graphdef, params), so they compile once per model shape, and work unchanged on parameters sharded over a
+mesh (jit follows their shardings).
 
 `Engine(model, tokenizer).generate(prompt_or_prompts, num_samples, max_tokens, temperature, top_k, seed)`
 streams `(token_column, mask_column)` per step like nanochat's Engine (mask 1 = sampled, 0 = forced by the
@@ -23,20 +22,20 @@ the value's tokens and `<|output_end|>` are forced into that row one per step wi
 """
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import warnings
 from collections import deque
 from functools import partial
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanojax.model import apply_rope, rms_norm, rope_tables  # noqa: F401 (rope_tables: the reference)
+from nanojax.buckets import bucket
+from nanojax.model import KVCache
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,114 +94,7 @@ def use_calculator(expr: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# cache-aware forward (pure functions of the parameter dict)
-class KVCache(NamedTuple):
-    k: jax.Array  # (L, B, K, S, D): layers, rows, kv heads, cache slots, head dim
-    v: jax.Array
-    pos: jax.Array  # (B,) int32: tokens already in the cache per row
-
-
-class Spec(NamedTuple):
-    """The static model facts the jitted functions need (hashable)."""
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    seq_len: int
-    rope_base: float
-    softcap: float
-    dtype: str
-
-
-def spec_of(model) -> Spec:
-    c = model.cfg
-    return Spec(c.n_head, c.n_kv_head, c.head_dim, c.seq_len, float(c.rope_base), float(c.softcap),
-                jnp.dtype(model.dtype).name)
-
-
-def params_of(model) -> dict:
-    """The model's parameters as a plain nested dict of (possibly sharded) arrays."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def empty_cache(spec: Spec, depth: int, rows: int, length: int) -> KVCache:
-    shape = (depth, rows, spec.n_kv_head, length, spec.head_dim)
-    return KVCache(jnp.zeros(shape, spec.dtype), jnp.zeros(shape, spec.dtype), jnp.zeros((rows,), jnp.int32))
-
-
-def _forward(params: dict, spec: Spec, tokens_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Runs tokens_BT at positions cache.pos[b] + t; returns final-normed hidden (B, T, D) and the new cache
-    (k/v written, pos advanced by T)."""
-    dtype = jnp.dtype(spec.dtype)
-    B, T = tokens_BT.shape
-    S = cache.k.shape[3]
-    H, K, hd = spec.n_head, spec.n_kv_head, spec.head_dim
-    pos_BT = cache.pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    # rope_tables' values at just these positions (same float32 product, so bit-identical to the table)
-    inv_freq_F = 1.0 / (spec.rope_base ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs_BTF = pos_BT.astype(jnp.float32)[..., None] * inv_freq_F
-    cos_BTF, sin_BTF = jnp.cos(freqs_BTF).astype(dtype), jnp.sin(freqs_BTF).astype(dtype)
-    # slot s of row b is visible to its token t when s <= pos_B[b] + t
-    visible_BTS = jnp.arange(S)[None, None, :] <= pos_BT[:, :, None]
-
-    def rope(x_BTHD):
-        return jax.vmap(lambda x, c, s: apply_rope(x[None], c, s)[0])(x_BTHD, cos_BTF, sin_BTF)
-
-    def write(k_LBKSD, i, new_BTKD):
-        """Writes layer i's new keys (or values) at each row's positions, in place in the carried cache."""
-        if T == 1:  # decode: one slot per row, a small scatter
-            return k_LBKSD.at[i, jnp.arange(B), :, cache.pos, :].set(new_BTKD[:, 0].astype(k_LBKSD.dtype))
-        new_BKTD = new_BTKD.transpose(0, 2, 1, 3).astype(k_LBKSD.dtype)
-        layer_BKSD = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (0, p, 0)))(
-            k_LBKSD[i], new_BKTD, cache.pos)
-        return jax.lax.dynamic_update_index_in_dim(k_LBKSD, layer_BKSD, i, 0)
-
-    def dense(x, w):
-        return jnp.dot(x.astype(dtype), w.astype(dtype))
-
-    # The cache travels in the scan carry (updated in place); as scan inputs/outputs it would be copied
-    # every layer, which made a decode step several times slower on CPU.
-    def layer(carry, xs):
-        x_BTD, k_LBKSD, v_LBKSD = carry
-        p, i = xs
-        a = p["attn"]
-        h_BTD = rms_norm(x_BTD)
-        q = dense(h_BTD, a["c_q"]["kernel"]).reshape(B, T, H, hd)
-        k = dense(h_BTD, a["c_k"]["kernel"]).reshape(B, T, K, hd)
-        v = dense(h_BTD, a["c_v"]["kernel"]).reshape(B, T, K, hd)
-        q, k = rms_norm(rope(q)), rms_norm(rope(k))
-        k_LBKSD, v_LBKSD = write(k_LBKSD, i, k), write(v_LBKSD, i, v)
-        k_BKSD, v_BKSD = k_LBKSD[i], v_LBKSD[i]
-        # batch dims leading, contraction last: XLA:CPU runs this layout ~4x faster than a BTKGD one
-        q_BKGTD = q.reshape(B, T, K, H // K, hd).transpose(0, 2, 3, 1, 4)
-        att = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD.astype(dtype), preferred_element_type=jnp.float32)
-        att = jnp.where(visible_BTS[:, None, None], att / math.sqrt(hd), -jnp.inf)
-        att = jax.nn.softmax(att, axis=-1).astype(dtype)
-        y = jnp.einsum("bkgts,bksd->bkgtd", att, v_BKSD.astype(dtype)).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        x_BTD = x_BTD + dense(y, a["c_proj"]["kernel"])
-        m = p["mlp"]
-        h_BTD = rms_norm(x_BTD)
-        x_BTD = x_BTD + dense(jnp.square(jax.nn.relu(dense(h_BTD, m["c_fc"]["kernel"]))), m["c_proj"]["kernel"])
-        return (x_BTD, k_LBKSD, v_LBKSD), None
-
-    x_BTD = rms_norm(jnp.take(params["wte"], tokens_BT, axis=0).astype(dtype))
-    depth = cache.k.shape[0]
-    (x_BTD, k, v), _ = jax.lax.scan(layer, (x_BTD, cache.k, cache.v), (params["blocks"], jnp.arange(depth)))
-    return rms_norm(x_BTD), KVCache(k, v, cache.pos + T)
-
-
-def _logits(params: dict, spec: Spec, h_ND: jax.Array) -> jax.Array:
-    dtype = jnp.dtype(spec.dtype)
-    z = jnp.dot(h_ND.astype(dtype), params["lm_head"].astype(dtype), preferred_element_type=jnp.float32)
-    return spec.softcap * jnp.tanh(z / spec.softcap)
-
-
-@partial(jax.jit, static_argnames=("spec",))
-def forward_with_cache(params, spec: Spec, tokens_BT, cache: KVCache):
-    """(logits (B, T, V) float32, new cache) for tokens_BT appended at each row's cache.pos."""
-    h, cache = _forward(params, spec, tokens_BT, cache)
-    return _logits(params, spec, h), cache
-
-
+# jitted prefill and decode around the model's own forward
 def sample(key, logits_BV, temperature, top_k: int | None, greedy: bool = False):
     """Greedy argmax when temperature == 0 (or `greedy`, static: skips the random draw); else softmax(logits / T)
     restricted to the top_k largest logits."""
@@ -217,38 +109,26 @@ def sample(key, logits_BV, temperature, top_k: int | None, greedy: bool = False)
     return jnp.where(temperature > 0, drawn, best)
 
 
-@partial(jax.jit, static_argnames=("spec", "cache_len", "repeat", "top_k", "greedy"))
-def _prefill(params, spec: Spec, tokens_BT, lengths_B, key, step, temperature, *, cache_len, repeat, top_k,
+@partial(jax.jit, static_argnames=("graphdef", "cache_len", "repeat", "top_k", "greedy"))
+def _prefill(graphdef, params, tokens_BT, lengths_B, key, step, temperature, *, cache_len, repeat, top_k,
              greedy=False):
     """Prompts (right-padded) into a fresh cache of `cache_len`; rows replicated `repeat` times afterwards.
     Returns (first sampled token per row, last-position logits per row, cache with pos = lengths)."""
-    B, T = tokens_BT.shape
-    depth = params["blocks"]["attn"]["c_q"]["kernel"].shape[0]
-    cache = empty_cache(spec, depth, B, cache_len)
-    h_BTD, cache = _forward(params, spec, tokens_BT, cache)
+    model = nnx.merge(graphdef, params)
+    h_BTD, cache = model.hidden(tokens_BT, model.empty_cache(tokens_BT.shape[0], cache_len))
     h_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    logits_BV = _logits(params, spec, h_BD)
     rep = lambda a, axis: jnp.repeat(a, repeat, axis=axis)
     cache = KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(lengths_B.astype(jnp.int32), 0))
-    logits_RV = rep(logits_BV, 0)
-    return sample(jax.random.fold_in(key, step), logits_RV, temperature, top_k, greedy), logits_RV, cache
-
-
-@partial(jax.jit, static_argnames=("spec", "top_k", "greedy"), donate_argnames=("cache",))
-def _decode(params, spec: Spec, tokens_B, cache: KVCache, key, step, temperature, *, top_k, greedy=False):
-    """One token per row at its position; returns (next sampled token per row, logits, cache)."""
-    h, cache = _forward(params, spec, tokens_B[:, None], cache)
-    logits_BV = _logits(params, spec, h[:, 0])
+    logits_BV = rep(model.logits(h_BD), 0)  # rows of the replicated batch
     return sample(jax.random.fold_in(key, step), logits_BV, temperature, top_k, greedy), logits_BV, cache
 
 
-def bucket(n: int, minimum: int = 16, cap: int | None = None, half_steps: bool = False) -> int:
-    """Smallest power of two >= n (at least `minimum`), or with `half_steps` also 1.5x powers of two
-    (64, 96, 128, 192, ...), capped at `cap`."""
-    b = max(minimum, 1 << max(0, (n - 1)).bit_length())
-    if half_steps and b >= 4 and max(n, minimum) <= 3 * b // 4:
-        b = 3 * b // 4
-    return min(b, cap) if cap is not None else b
+@partial(jax.jit, static_argnames=("graphdef", "top_k", "greedy"), donate_argnames=("cache",))
+def _decode(graphdef, params, tokens_B, cache: KVCache, key, step, temperature, *, top_k, greedy=False):
+    """One token per row at its position; returns (next sampled token per row, logits, cache)."""
+    logits_B1V, cache = nnx.merge(graphdef, params)(tokens_B[:, None], cache)
+    logits_BV = logits_B1V[:, 0]
+    return sample(jax.random.fold_in(key, step), logits_BV, temperature, top_k, greedy), logits_BV, cache
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,9 +148,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, use_tool: bool = True):
         self.model = model
         self.tokenizer = tokenizer
-        self.spec = spec_of(model)
-        self.params = params_of(model)
-        self.depth = model.cfg.depth
+        self.graphdef, self.params = nnx.split(model)
+        self.seq_len = model.cfg.seq_len
         self.use_tool = use_tool
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
@@ -289,7 +168,7 @@ class Engine:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
-        seq_len = self.spec.seq_len
+        seq_len = self.seq_len
         if longest >= seq_len:
             raise ValueError(f"prompt of {longest} tokens leaves no room in model.seq_len={seq_len}")
         budget = seq_len - longest if max_tokens is None else min(max_tokens, seq_len - longest)
@@ -307,7 +186,7 @@ class Engine:
         temp = jnp.float32(temperature)
         top_k = None if top_k is None or top_k <= 0 else int(top_k)
         greedy = temperature <= 0 or top_k == 1
-        next_ids, _, cache = _prefill(self.params, self.spec, jnp.asarray(ids), jnp.asarray(lengths),
+        next_ids, _, cache = _prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(lengths),
                                       key, 0, temp, cache_len=cache_len,
                                       repeat=num_samples, top_k=top_k, greedy=greedy)
         rows = [_Row() for _ in range(len(prompts) * num_samples)]
@@ -322,7 +201,7 @@ class Engine:
             else:
                 column_dev = next_ids
             if step + 1 < budget:
-                following = _decode(self.params, self.spec, column_dev, cache, key, step + 1, temp,
+                following = _decode(self.graphdef, self.params, column_dev, cache, key, step + 1, temp,
                                     top_k=top_k, greedy=greedy)
             sampled = np.asarray(next_ids).tolist()
             column, masks = [], []

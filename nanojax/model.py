@@ -1,25 +1,31 @@
-"""nanochat's launch GPT (commit 3a5e0bc) in Flax NNX, and its masked cross-entropy.
+"""nanochat's launch GPT (commit 3a5e0bc) in Flax NNX: one forward for training, prefill and decode.
+
+`model(tokens_BT) -> logits_BTV` trains and evaluates; `model(tokens_BT, cache) -> (logits_BTV, cache)` runs the
+same blocks on tokens appended at each row's cache position (prefill: many tokens, decode: one), as nanochat's
+`Block.forward(x, cos_sin, kv_cache)` and the Flax gemma example do. Attention takes the positions of its
+queries and a window (None: every earlier position), so sliding-window layers are an argument, not a second path.
 
 Parameter names follow nanochat's state dict (`wte`, `blocks.attn.c_q`, …, `lm_head`) so conversion is a
 rename plus a transpose. Kernels are stored (in, out); block parameters are stacked on a leading `layers`
 axis whether the layers run under `nnx.scan` or a Python loop, so both modes share checkpoints.
 Every parameter carries logical axis names; `nanojax.sharding` maps them onto the mesh.
+Shape letters in names (`x_BTD`) are defined once, in `nanojax.config.ModelConfig`.
 """
 from __future__ import annotations
 
 import functools
 import math
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
+from nanojax.config import ModelConfig
 from nanojax.sharding import constrain
 
 Dtype = jnp.dtype
-
 
 # logical axes of activations (the batch is split over data × fsdp; heads / MLP hidden over tensor)
 ACT = ("batch", None, None)
@@ -52,21 +58,63 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape (T, head_dim/2), computed in float32 and cast to the compute dtype (as nanochat)."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_TF = jnp.outer(jnp.arange(seq_len, dtype=jnp.float32), inv_freq)
-    return jnp.cos(freqs_TF).astype(dtype), jnp.sin(freqs_TF).astype(dtype)
+# -- positions -----------------------------------------------------------------------------------------
+class Positions(NamedTuple):
+    """Where the queries of one call sit, and their RoPE rotations; computed once, shared by every layer."""
+    pos_BT: jax.Array  # int32 absolute positions ((1, T) in training: every row starts at 0)
+    cos_BTF: jax.Array
+    sin_BTF: jax.Array
 
 
-def apply_rope(x_BTHD: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
-    """Rotate-half RoPE exactly as nanochat launch: halves (x1, x2) -> (x1·cos + x2·sin, −x1·sin + x2·cos)."""
-    d = x_BTHD.shape[-1] // 2
-    x1, x2 = x_BTHD[..., :d], x_BTHD[..., d:]
-    cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+def positions(pos_BT: jax.Array, head_dim: int, base: float, dtype: Dtype) -> Positions:
+    """RoPE angles pos·base^(−2f/E) in float32, cos/sin cast to the compute dtype (as nanochat)."""
+    inv_freq_F = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BTF = pos_BT.astype(jnp.float32)[..., None] * inv_freq_F
+    return Positions(pos_BT, jnp.cos(freqs_BTF).astype(dtype), jnp.sin(freqs_BTF).astype(dtype))
+
+
+def apply_rope(x_BTHE: jax.Array, cos_BTF: jax.Array, sin_BTF: jax.Array) -> jax.Array:
+    """Rotate-half RoPE exactly as nanochat launch: halves (x1, x2) -> (x1·cos + x2·sin, −x1·sin + x2·cos).
+    cos/sin are (T, F) or (B, T, F); they broadcast over the heads."""
+    d = x_BTHE.shape[-1] // 2
+    x1, x2 = x_BTHE[..., :d], x_BTHE[..., d:]
+    cos, sin = cos_BTF[..., None, :], sin_BTF[..., None, :]
     return jnp.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], axis=-1)
 
 
+# -- the KV cache --------------------------------------------------------------------------------------
+class KVCache(NamedTuple):
+    """Keys and values of every layer for a batch of rows, and how many positions each row holds.
+
+    Layout (L, B, K, S, E): batch axes leading and the contraction last, the layout XLA:CPU runs decode
+    attention fastest in (~4x a (B, S, K, E) one). Travels whole through the layer scan, updated in place.
+    """
+    k: jax.Array  # (L, B, K, S, E)
+    v: jax.Array  # (L, B, K, S, E)
+    pos: jax.Array  # (B,) int32: positions already written per row
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, rows: int, length: int, dtype: Dtype) -> KVCache:
+        shape = (cfg.depth, rows, cfg.n_kv_head, length, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((rows,), jnp.int32))
+
+    def write(self, layer, k_BTKE: jax.Array, v_BTKE: jax.Array) -> KVCache:
+        """Layer `layer`'s new keys and values at each row's positions pos..pos+T−1."""
+        return self._replace(k=_write_rows(self.k, layer, k_BTKE, self.pos),
+                             v=_write_rows(self.v, layer, v_BTKE, self.pos))
+
+
+def _write_rows(c_LBKSE: jax.Array, layer, new_BTKE: jax.Array, pos_B: jax.Array) -> jax.Array:
+    B, T = new_BTKE.shape[:2]
+    if T == 1:  # decode: one slot per row, a small scatter
+        return c_LBKSE.at[layer, jnp.arange(B), :, pos_B, :].set(new_BTKE[:, 0].astype(c_LBKSE.dtype))
+    new_BKTE = new_BTKE.transpose(0, 2, 1, 3).astype(c_LBKSE.dtype)
+    layer_BKSE = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (0, p, 0)))(
+        c_LBKSE[layer], new_BKTE, pos_B)
+    return jax.lax.dynamic_update_index_in_dim(c_LBKSE, layer_BKSE, layer, 0)
+
+
+# -- attention -----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _cudnn_attention_works(dtype_name: str, n_head: int, n_kv_head: int, head_dim: int) -> bool:
     """Compile a small causal cuDNN attention once: old cuDNN/driver or unsupported shapes fall back to XLA."""
@@ -96,7 +144,7 @@ def attention_implementation(name: str, dtype: Dtype, n_head: int = 1, n_kv_head
     return None if name == "xla" else name
 
 
-def resolve_remat(cfg, dtype: Dtype) -> str:
+def resolve_remat(cfg: ModelConfig, dtype: Dtype) -> str:
     """'auto': recompute whole blocks only where attention is XLA's on an accelerator (its T² scores would
     otherwise be stored for every layer: ~350 GiB/device for d20 at batch 32, 29 GiB with full remat)."""
     if cfg.remat != "auto":
@@ -107,6 +155,32 @@ def resolve_remat(cfg, dtype: Dtype) -> str:
     return "none" if impl == "cudnn" else "full"
 
 
+def causal_attention(q_BTHE, k_BTKE, v_BTKE, window: int | None, implementation: str | None) -> jax.Array:
+    """Queries and keys are the same T positions: the fused kernel (cuDNN on GPU) or XLA's reference."""
+    return jax.nn.dot_product_attention(
+        q_BTHE, k_BTKE, v_BTKE, scale=1.0 / math.sqrt(q_BTHE.shape[-1]), is_causal=True,
+        local_window_size=None if window is None else (window, 0), implementation=implementation)
+
+
+def cached_attention(q_BTHE, k_BKSE, v_BKSE, pos_BT, window: int | None) -> jax.Array:
+    """Queries at pos_BT against a row's cache slots: slot s is visible to query t when
+    pos_BT[b, t] − window <= s <= pos_BT[b, t] (padding past a row's end is never attended)."""
+    B, T, H, E = q_BTHE.shape
+    K, S = k_BKSE.shape[1], k_BKSE.shape[2]
+    slot_S = jnp.arange(S)
+    visible_BTS = slot_S[None, None, :] <= pos_BT[:, :, None]
+    if window is not None:
+        visible_BTS &= slot_S[None, None, :] >= pos_BT[:, :, None] - window
+    dtype = q_BTHE.dtype
+    q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
+    att_BKGTS = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE.astype(dtype), preferred_element_type=jnp.float32)
+    att_BKGTS = jnp.where(visible_BTS[:, None, None], att_BKGTS / math.sqrt(E), -jnp.inf)
+    att_BKGTS = jax.nn.softmax(att_BKGTS, axis=-1).astype(dtype)
+    y_BKGTE = jnp.einsum("bkgts,bkse->bkgte", att_BKGTS, v_BKSE.astype(dtype))
+    return y_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+# -- layers --------------------------------------------------------------------------------------------
 def linear_std(fan_in: int, fan_out: int) -> float:
     """nanochat launch init for every Linear: 1/√fan_in · min(1, √(fan_out/fan_in))."""
     return 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
@@ -129,32 +203,37 @@ class Dense(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
-        d, hd = cfg.width, cfg.head_dim
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, hd
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+        d, E = cfg.width, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, E
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.c_q = Dense(d, cfg.n_head * hd, ("embed", "heads"), **kw)
-        self.c_k = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), **kw)
-        self.c_v = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), **kw)
-        self.c_proj = Dense(cfg.n_head * hd, d, ("heads", "embed"), zero_init=True, **kw)
-        self.implementation = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, hd)
+        self.c_q = Dense(d, cfg.n_head * E, ("embed", "heads"), **kw)
+        self.c_k = Dense(d, cfg.n_kv_head * E, ("embed", "kv_heads"), **kw)
+        self.c_v = Dense(d, cfg.n_kv_head * E, ("embed", "kv_heads"), **kw)
+        self.c_proj = Dense(cfg.n_head * E, d, ("heads", "embed"), zero_init=True, **kw)
+        self.implementation = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, E)
 
-    def __call__(self, x_BTD, cos_TF, sin_TF):
+    def __call__(self, x_BTD, at: Positions, *, window: int | None = None, cache: KVCache | None = None,
+                 layer=0) -> tuple[jax.Array, KVCache | None]:
+        """(output, cache): with a cache, this layer's keys/values are written at the rows' positions and
+        the queries attend to the cache; without one, to the call's own positions (training)."""
         B, T, _ = x_BTD.shape
-        q_BTHD = constrain(self.c_q(x_BTD).reshape(B, T, self.n_head, self.head_dim), ACT_HEADS)
-        k_BTKD = constrain(self.c_k(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim), ACT_KV_HEADS)
-        v_BTKD = constrain(self.c_v(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim), ACT_KV_HEADS)
-        q_BTHD = rms_norm(apply_rope(q_BTHD, cos_TF, sin_TF))
-        k_BTKD = rms_norm(apply_rope(k_BTKD, cos_TF, sin_TF))
-        y_BTHD = jax.nn.dot_product_attention(
-            q_BTHD, k_BTKD, v_BTKD, scale=1.0 / math.sqrt(self.head_dim), is_causal=True,
-            implementation=self.implementation,
-        )
-        return self.c_proj(y_BTHD.reshape(B, T, self.n_head * self.head_dim))
+        H, K, E = self.n_head, self.n_kv_head, self.head_dim
+        q_BTHE = constrain(self.c_q(x_BTD).reshape(B, T, H, E), ACT_HEADS)
+        k_BTKE = constrain(self.c_k(x_BTD).reshape(B, T, K, E), ACT_KV_HEADS)
+        v_BTKE = constrain(self.c_v(x_BTD).reshape(B, T, K, E), ACT_KV_HEADS)
+        q_BTHE = rms_norm(apply_rope(q_BTHE, at.cos_BTF, at.sin_BTF))
+        k_BTKE = rms_norm(apply_rope(k_BTKE, at.cos_BTF, at.sin_BTF))
+        if cache is None:
+            y_BTHE = causal_attention(q_BTHE, k_BTKE, v_BTKE, window, self.implementation)
+        else:
+            cache = cache.write(layer, k_BTKE, v_BTKE)
+            y_BTHE = cached_attention(q_BTHE, cache.k[layer], cache.v[layer], at.pos_BT, window)
+        return self.c_proj(y_BTHE.reshape(B, T, H * E)), cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         d, hidden = cfg.width, cfg.mlp_ratio * cfg.width
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.c_fc = Dense(d, hidden, ("embed", "mlp"), **kw)
@@ -165,13 +244,15 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_TF, sin_TF):
-        x_BTD = constrain(x_BTD + self.attn(rms_norm(x_BTD), cos_TF, sin_TF), ACT)
-        return constrain(x_BTD + self.mlp(rms_norm(x_BTD)), ACT)
+    def __call__(self, x_BTD, at: Positions, *, window: int | None = None, cache: KVCache | None = None,
+                 layer=0) -> tuple[jax.Array, KVCache | None]:
+        a_BTD, cache = self.attn(rms_norm(x_BTD), at, window=window, cache=cache, layer=layer)
+        x_BTD = constrain(x_BTD + a_BTD, ACT)
+        return constrain(x_BTD + self.mlp(rms_norm(x_BTD)), ACT), cache
 
 
 _REMAT_POLICIES = {
@@ -181,17 +262,16 @@ _REMAT_POLICIES = {
 
 
 class GPT(nnx.Module):
-    """`GPT(config.model, rngs=nnx.Rngs(seed))`; `model(tokens_BT) -> logits_BTV` (float32, softcapped)."""
+    """`GPT(config.model, rngs=nnx.Rngs(seed))`; `model(tokens_BT) -> logits_BTV` (float32, softcapped);
+    `model(tokens_BT, cache) -> (logits_BTV, cache)` for generation."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        from nanojax.config import fill_model_sizes
-
-        cfg = ml_collections.FrozenConfigDict(fill_model_sizes(ml_collections.ConfigDict(cfg)))
-        self.cfg = cfg  # frozen: static module attributes must be hashable
+        cfg = ModelConfig.of(cfg)
+        self.cfg = cfg
         with nnx.use_eager_sharding(False):  # parameters carry logical names; placement is sharding.py's job
             self._build(cfg, rngs)
 
-    def _build(self, cfg, rngs):
+    def _build(self, cfg: ModelConfig, rngs):
         self.dtype = resolve_dtype(cfg.compute_dtype)
         self.remat = resolve_remat(cfg, self.dtype)
         param_dtype = jnp.dtype(cfg.param_dtype)
@@ -206,43 +286,58 @@ class GPT(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.lm_head = nnx.Param(jnp.zeros((d, V), param_dtype), out_sharding=("embed", "vocab"))
 
+    def empty_cache(self, rows: int, length: int) -> KVCache:
+        return KVCache.empty(self.cfg, rows, length, self.dtype)
+
     # -- trunk -----------------------------------------------------------------------------------
-    def hidden(self, tokens_BT: jax.Array) -> jax.Array:
-        """Final-normed hidden states (B, T, D) in the compute dtype."""
+    def hidden(self, tokens_BT: jax.Array, cache: KVCache | None = None):
+        """Final-normed hidden states (B, T, D) in the compute dtype; with a cache, (hidden, new cache):
+        the tokens sit at positions cache.pos[b] + t, and pos advances by T."""
         cfg = self.cfg
         T = tokens_BT.shape[1]
-        if T > cfg.seq_len:
-            raise ValueError(f"sequence of length {T} is longer than model.seq_len={cfg.seq_len}")
-        cos_TF, sin_TF = rope_tables(T, cfg.head_dim, cfg.rope_base, self.dtype)
+        if cache is None:
+            if T > cfg.seq_len:
+                raise ValueError(f"sequence of length {T} is longer than model.seq_len={cfg.seq_len}")
+            pos_BT = jnp.arange(T, dtype=jnp.int32)[None, :]
+        else:
+            pos_BT = cache.pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        at = positions(pos_BT, cfg.head_dim, cfg.rope_base, self.dtype)
         x_BTD = constrain(rms_norm(jnp.take(self.wte[...], tokens_BT, axis=0).astype(self.dtype)), ACT)
+        x_BTD, new_cache = self._run_blocks(x_BTD, at, cache)
+        if cache is None:
+            return rms_norm(x_BTD)
+        return rms_norm(x_BTD), new_cache._replace(pos=cache.pos + T)
 
-        def block_fn(block, x):
-            return block(x, cos_TF, sin_TF)
+    def _run_blocks(self, x_BTD, at: Positions, cache: KVCache | None):
+        """Every block in order, under nnx.scan or a Python loop; the cache rides along in the carry."""
+        def block_fn(block, x, cache, layer):
+            return block(x, at, cache=cache, layer=layer)
 
         if self.remat != "none":
-            block_fn = nnx.remat(block_fn, policy=_REMAT_POLICIES[self.remat], prevent_cse=not cfg.scan_layers)
+            block_fn = nnx.remat(block_fn, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(block, carry, layer):
+                return block_fn(block, *carry, layer)
 
-        if cfg.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-            def run(block, x):
-                return block_fn(block, x)
-
-            x_BTD = run(self.blocks, x_BTD)
-        else:
-            graphdef, state = nnx.split(self.blocks)
-            for i in range(cfg.depth):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-                x_BTD = block_fn(block, x_BTD)
-        return rms_norm(x_BTD)
+            return run(self.blocks, (x_BTD, cache), jnp.arange(self.cfg.depth))
+        graphdef, state = nnx.split(self.blocks)
+        for i in range(self.cfg.depth):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            x_BTD, cache = block_fn(block, x_BTD, cache, i)
+        return x_BTD, cache
 
     def logits(self, h_ND: jax.Array) -> jax.Array:
         """lm_head then the float32 softcap 15·tanh(x/15)."""
-        z = jnp.dot(h_ND, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        z_NV = jnp.dot(h_ND, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
         cap = self.cfg.softcap
-        return cap * jnp.tanh(z.astype(jnp.float32) / cap)
+        return cap * jnp.tanh(z_NV.astype(jnp.float32) / cap)
 
-    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        return self.logits(self.hidden(tokens_BT))
+    def __call__(self, tokens_BT: jax.Array, cache: KVCache | None = None):
+        if cache is None:
+            return self.logits(self.hidden(tokens_BT))
+        h_BTD, cache = self.hidden(tokens_BT, cache)
+        return self.logits(h_BTD), cache
 
     # -- loss --------------------------------------------------------------------------------------
     def token_losses(self, tokens_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -254,29 +349,29 @@ class GPT(nnx.Module):
         """
         B, T = tokens_BT.shape
         h_BTD = self.hidden(tokens_BT)
-        K = max(1, min(self.cfg.loss_chunk_size, T))
-        pad = (-T) % K
+        P = max(1, min(self.cfg.loss_chunk_size, T))
+        pad = (-T) % P
         y_BT = targets_BT
         if pad:
             h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
             y_BT = jnp.pad(y_BT, ((0, 0), (0, pad)), constant_values=-1)
-        C = (T + pad) // K
-        h_CBKD = jnp.moveaxis(h_BTD.reshape(B, C, K, -1), 1, 0)
-        y_CBK = jnp.moveaxis(y_BT.reshape(B, C, K), 1, 0)
-        head = self.lm_head[...].astype(self.dtype)
+        C = (T + pad) // P
+        h_CBPD = jnp.moveaxis(h_BTD.reshape(B, C, P, -1), 1, 0)
+        y_CBP = jnp.moveaxis(y_BT.reshape(B, C, P), 1, 0)
+        head_DV = self.lm_head[...].astype(self.dtype)
         cap = self.cfg.softcap
 
         @jax.checkpoint
-        def chunk_loss(h_BKD, y_BK):
-            z_BKV = jnp.einsum("bkd,dv->bkv", h_BKD, head, preferred_element_type=jnp.float32)
-            z_BKV = constrain(z_BKV, ("batch", None, "vocab"))
-            z_BKV = cap * jnp.tanh(z_BKV / cap)
-            lse_BK = jax.nn.logsumexp(z_BKV, axis=-1)
-            picked_BK = jnp.take_along_axis(z_BKV, jnp.maximum(y_BK, 0)[..., None], axis=-1)[..., 0]
-            return jnp.where(y_BK >= 0, lse_BK - picked_BK, 0.0)
+        def chunk_loss(h_BPD, y_BP):
+            z_BPV = jnp.einsum("bpd,dv->bpv", h_BPD, head_DV, preferred_element_type=jnp.float32)
+            z_BPV = constrain(z_BPV, ("batch", None, "vocab"))
+            z_BPV = cap * jnp.tanh(z_BPV / cap)
+            lse_BP = jax.nn.logsumexp(z_BPV, axis=-1)
+            picked_BP = jnp.take_along_axis(z_BPV, jnp.maximum(y_BP, 0)[..., None], axis=-1)[..., 0]
+            return jnp.where(y_BP >= 0, lse_BP - picked_BP, 0.0)
 
-        _, loss_CBK = jax.lax.scan(lambda c, xs: (c, chunk_loss(*xs)), None, (h_CBKD, y_CBK))
-        return jnp.moveaxis(loss_CBK, 0, 1).reshape(B, C * K)[:, :T]
+        _, loss_CBP = jax.lax.scan(lambda c, xs: (c, chunk_loss(*xs)), None, (h_CBPD, y_CBP))
+        return jnp.moveaxis(loss_CBP, 0, 1).reshape(B, C * P)[:, :T]
 
     def loss(self, tokens_BT: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(sum of per-token losses over counted targets, number of counted targets)."""
@@ -297,9 +392,3 @@ def eval_sums(model: GPT, tokens_BT, targets_BT, token_bytes_V) -> dict:
         "nats_with_bytes": jnp.sum(jnp.where(nbytes_BT > 0, losses_BT, 0.0)),
         "bytes": jnp.sum(nbytes_BT).astype(jnp.float32),
     }
-
-
-def mean_loss(model: GPT, tokens_BT, targets_BT) -> jax.Array:
-    """Cross-entropy averaged over counted tokens (targets of −1 ignored), as F.cross_entropy(ignore_index=-1)."""
-    total, count = model.loss(tokens_BT, targets_BT)
-    return total / jnp.maximum(count, 1.0)

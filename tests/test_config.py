@@ -1,3 +1,6 @@
+import dataclasses
+import re
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -79,3 +82,25 @@ def test_bad_gqa_grouping():
     c.model.n_head, c.model.n_kv_head = 3, 2
     with pytest.raises(ValueError, match="multiple of model.n_kv_head"):
         C.fill_model_sizes(c.model)
+
+
+def test_model_config_is_typed_frozen_and_derived_in_one_place():
+    mc = C.ModelConfig.of(load_config_file("base_d20").model)
+    assert (mc.width, mc.n_head, mc.n_kv_head) == (1280, 10, 10)
+    assert mc.param_counts()[0] == 560_988_160 and hash(mc) == hash(C.ModelConfig.of(mc))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mc.depth = 3
+
+
+def test_model_config_of_an_older_saved_config_takes_todays_defaults():
+    saved = C.default_config().model.to_dict()
+    del saved["loss_chunk_size"]  # as if written before the key existed
+    assert C.ModelConfig.of(saved).loss_chunk_size == C.default_config().model.loss_chunk_size
+    with pytest.raises(ValueError, match="unknown key.*'n_layers'"):
+        C.ModelConfig.of({**saved, "n_layers": 3})
+
+
+def test_shape_legend_gives_each_letter_one_meaning():
+    legend = C.ModelConfig.__doc__.split("one meaning each:")[1]
+    letters = re.findall(r"(?:^|\s{2,})([A-Z])  ", legend, flags=re.M)
+    assert len(letters) == len(set(letters)) >= 14, letters

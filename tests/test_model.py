@@ -6,7 +6,13 @@ from flax import nnx
 
 from helpers import micro_config
 from nanojax import sharding as shd
-from nanojax.model import GPT, apply_rope, mean_loss
+from nanojax.model import GPT, KVCache, apply_rope, cached_attention, causal_attention
+
+
+def mean_loss(model, tokens_BT, targets_BT):
+    """Cross-entropy averaged over counted tokens (targets of −1 ignored), as F.cross_entropy(ignore_index=-1)."""
+    total, count = model.loss(tokens_BT, targets_BT)
+    return total / jnp.maximum(count, 1.0)
 
 
 def _random_model(config, seed=0):
@@ -159,3 +165,86 @@ def test_rules_table_leaves_undivisible_axes_replicated():
     assert shd.logical_to_spec(("embed", "vocab"), (63, 254), mesh) == jax.sharding.PartitionSpec(None, None)
     with pytest.raises(KeyError, match="nonsense"):
         shd.logical_to_spec(("nonsense",), (4,), mesh)
+
+
+# -- the same forward with a cache (prefill, decode) ------------------------------------------------------
+def _decode_with_cache(model, prompt, steps, cache_len=32, pad_to=16):
+    """Right-padded prefill, then greedy decoding one token at a time through model(tokens, cache)."""
+    ids = np.zeros((1, pad_to), np.int32)
+    ids[0, :len(prompt)] = prompt
+    logits, cache = model(jnp.asarray(ids), model.empty_cache(1, cache_len))
+    prefill = np.asarray(logits[0, :len(prompt)])
+    cache = cache._replace(pos=jnp.asarray([len(prompt)], jnp.int32))  # the padding is overwritten next
+    seq, last, decoded = list(prompt), logits[0, len(prompt) - 1], []
+    for _ in range(steps):
+        seq.append(int(jnp.argmax(last)))
+        logits, cache = model(jnp.asarray([[seq[-1]]], jnp.int32), cache)
+        last = logits[0, 0]
+        decoded.append(np.asarray(last))
+    return prefill, np.stack(decoded), seq
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cached_forward_equals_uncached(scan):
+    c = micro_config()
+    c.model.scan_layers = scan
+    model = _random_model(c)
+    prompt = np.asarray(_tokens((11,), seed=3)).tolist()
+    prefill, decoded, seq = _decode_with_cache(model, prompt, steps=12)
+    full = np.asarray(model(jnp.asarray([seq]))[0])
+    np.testing.assert_allclose(prefill, full[:len(prompt)], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(decoded, full[len(prompt):], atol=2e-5, rtol=1e-5)
+    assert [int(t) for t in np.argmax(full[len(prompt) - 1:-1], -1)] == seq[len(prompt):]  # token for token
+
+
+def test_cached_forward_with_grouped_kv_heads():
+    c = micro_config()
+    c.model.aspect_ratio, c.model.head_dim, c.model.n_head, c.model.n_kv_head = 64, 16, 8, 2
+    model = _random_model(c)
+    prompt = np.asarray(_tokens((7,), seed=4)).tolist()
+    prefill, decoded, seq = _decode_with_cache(model, prompt, steps=6)
+    full = np.asarray(model(jnp.asarray([seq]))[0])
+    np.testing.assert_allclose(np.concatenate([prefill, decoded]), full, atol=2e-5, rtol=1e-5)
+
+
+def test_cache_rows_keep_their_own_positions():
+    """Two rows at different positions in one decode step equal each row decoded alone."""
+    model = _random_model(micro_config())
+    a, b = np.asarray(_tokens((5,), 1)).tolist(), np.asarray(_tokens((9,), 2)).tolist()
+    ids = np.zeros((2, 16), np.int32)
+    ids[0, :5], ids[1, :9] = a, b
+    _, cache = model(jnp.asarray(ids), model.empty_cache(2, 32))
+    cache = cache._replace(pos=jnp.asarray([5, 9], jnp.int32))
+    both, cache = model(jnp.asarray([[3], [4]], jnp.int32), cache)
+    assert cache.pos.tolist() == [6, 10]
+    for row, (prompt, tok) in enumerate(((a, 3), (b, 4))):
+        alone = model(jnp.asarray([prompt + [tok]]))[0, -1]
+        np.testing.assert_allclose(np.asarray(both[row, 0]), np.asarray(alone), atol=2e-5, rtol=1e-5)
+
+
+def test_empty_cache_layout():
+    c = micro_config()
+    model = GPT(c.model, rngs=nnx.Rngs(0))
+    cache = model.empty_cache(3, 24)
+    assert isinstance(cache, KVCache)
+    assert cache.k.shape == cache.v.shape == (2, 3, 2, 24, 32)  # (L, B, K, S, E)
+    assert cache.pos.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("window", [None, 0, 3, 7])
+def test_sliding_window_attention_cached_equals_uncached(window):
+    """The one attention with a window: fused (no cache) and cached paths agree with an explicit mask."""
+    B, T, H, K, E = 2, 12, 4, 2, 8
+    q = jax.random.normal(jax.random.key(0), (B, T, H, E))
+    k = jax.random.normal(jax.random.key(1), (B, T, K, E))
+    v = jax.random.normal(jax.random.key(2), (B, T, K, E))
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = (j <= i) & ((i - j <= window) if window is not None else True)
+    kr, vr = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
+    s = jnp.einsum("bthe,bshe->bhts", q, kr) / np.sqrt(E)
+    want = jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), -1), vr)
+    fused = causal_attention(q, k, v, window, None)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cached = cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos, window)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(want), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(want), atol=1e-5, rtol=1e-5)
