@@ -9,6 +9,8 @@ Subjects:
 import importlib
 import sys
 
+from absl import app
+
 SUBJECTS = ("train", "data", "tokenizer", "generation")
 
 
@@ -20,8 +22,6 @@ def main() -> int:
     sys.argv = [f"nanojax.bench {subject}", *sys.argv[2:]]
     module = importlib.import_module(f"nanojax.benchmarks.{subject}")
     if subject == "train":
-        from absl import app
-
         app.run(module.main)
         return 0
     result = module.main(sys.argv[1:])

@@ -7,18 +7,20 @@ reply budget, the oldest user/assistant pairs are dropped (and the caller is tol
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterator
+
+from nanojax.checkpoint import load_model
+from nanojax.engine import Engine
 
 PLACEHOLDER = {"role": "assistant", "content": "…"}  # dropped again by render_for_completion
 
 
 class ChatSession:
     def __init__(self, model, tokenizer, *, use_tool: bool = True):
-        from nanojax.engine import Engine
-
         if tokenizer is None:
             raise ValueError("this run has no tokenizer recorded in its checkpoint metadata; chat needs one "
-                             "(train with data.kind=fineweb/chat/mid, which records data.tokenizer_dir)")
+                             "(train with data.kind=fineweb/mid/sft, which records data.tokenizer_dir)")
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, tokenizer, use_tool=use_tool)
         self.seq_len = int(model.cfg.seq_len)
@@ -66,8 +68,6 @@ class ChatSession:
 
 
 def load_session(run_dir: str, step: int | None = None) -> ChatSession:
-    from nanojax.checkpoint import load_model
-
     model, tokenizer, _ = load_model(run_dir, step)
     return ChatSession(model, tokenizer)
 
@@ -80,8 +80,6 @@ def add_model_arguments(ap) -> None:
 
 def session_from_args(args) -> ChatSession | None:
     """The session for parsed `add_model_arguments`, or None after printing why it cannot be loaded."""
-    import sys
-
     try:
         return load_session(args.run_dir, args.step)
     except (FileNotFoundError, ValueError) as e:

@@ -12,8 +12,14 @@ import pathlib
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
+
+from nanojax import sharding as shd
+from nanojax.model import GPT, param_name
+from nanojax.tokenizer import load_for_config
 
 # -- per-process data-iterator state ----------------------------------------------------------------
 
@@ -128,9 +134,6 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["params"], out["opt_state"], out["data"], out["meta"]
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
@@ -156,8 +159,6 @@ def stored_tree(item_dir):
 
 
 def _shape_mismatches(abstract_params, stored_meta) -> list[str]:
-    from nanojax.model import param_name
-
     want = {param_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
     have = {param_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored_meta)}
     problems = []
@@ -192,12 +193,6 @@ def load_opt_state(path, abstract_opt_state, step: int):
 
 def load_model(run_dir_or_ckpt, step: int | None = None, mesh=None):
     """(model, tokenizer_or_None, config) from a run directory or checkpoint, sharded on `mesh` (or 1 device)."""
-    import ml_collections
-    from flax import nnx
-
-    from nanojax import sharding as shd
-    from nanojax.model import GPT
-
     meta, step = read_meta(run_dir_or_ckpt, step)
     config = ml_collections.ConfigDict(meta["config"])
     if mesh is None:
@@ -207,16 +202,9 @@ def load_model(run_dir_or_ckpt, step: int | None = None, mesh=None):
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    shardings = shd.param_shardings(abstract_params, mesh)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
-    )
+    target = shd.abstract_arrays(abstract_params, shd.param_shardings(abstract_params, mesh))
     params, _ = load_params(run_dir_or_ckpt, target, step)
     model = nnx.merge(graphdef, params, rest)
-    tokenizer = None
-    tok_dir = meta.get("tokenizer_dir")
-    if tok_dir and pathlib.Path(tok_dir).exists():
-        from nanojax.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(tok_dir)
+    tok_dir = meta.get("tokenizer_dir")  # the run's own record; absent here (a copied run): the caller picks one
+    tokenizer = load_for_config(config, tok_dir) if tok_dir and pathlib.Path(tok_dir).exists() else None
     return model, tokenizer, config

@@ -16,15 +16,19 @@ import pathlib
 import re
 import sys
 
+import jax
 import numpy as np
+from flax import nnx
+
+from nanojax.checkpoint import Checkpointer, load_model, read_meta
+from nanojax.config import ModelConfig, default_config
+from nanojax.model import GPT
 
 BLOCK_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def model_config_from_nanochat(meta_model_config: dict):
-    """nanojax `config.model` for a nanochat GPTConfig dict."""
-    from nanojax.config import default_config, fill_model_sizes
-
+    """nanojax config (launch defaults) with the model of a nanochat GPTConfig dict."""
     mc = meta_model_config
     c = default_config()
     m = c.model
@@ -35,7 +39,7 @@ def model_config_from_nanochat(meta_model_config: dict):
     m.head_dim = int(mc["n_embd"]) // int(mc["n_head"])
     m.vocab_size = int(mc["vocab_size"])
     m.seq_len = int(mc["sequence_len"])
-    fill_model_sizes(m)
+    ModelConfig.of(m)  # validates (e.g. heads that do not group)
     return c
 
 
@@ -71,12 +75,8 @@ def params_to_nanochat(params: dict) -> dict[str, np.ndarray]:
 
 def fill_state(model, pure: dict):
     """Put a nested dict of arrays into an nnx model's Params (shapes checked)."""
-    from flax import nnx
-
     state = nnx.state(model, nnx.Param)
     want = nnx.to_pure_dict(state)
-    import jax
-
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves_with_path(pure)):
         if tuple(np.shape(a)) != tuple(np.shape(b)):
             raise ValueError(f"{jax.tree_util.keystr(path)}: converted shape {np.shape(b)} vs model {np.shape(a)}")
@@ -86,7 +86,7 @@ def fill_state(model, pure: dict):
 
 
 def _torch():
-    try:
+    try:  # optional: only reading/writing .pt files needs it (pip install torch)
         import torch
     except ImportError as e:
         raise SystemExit("reading/writing nanochat .pt files needs torch: pip install torch") from e
@@ -95,12 +95,6 @@ def _torch():
 
 def from_nanochat(src_dir: str, step: int, out_dir: str) -> str:
     """Write a nanojax run directory (Orbax checkpoint at `step`, parameters only) from nanochat files."""
-    import jax
-    from flax import nnx
-
-    from nanojax.checkpoint import Checkpointer
-    from nanojax.model import GPT
-
     torch = _torch()
     src = pathlib.Path(src_dir)
     model_path, meta_path = src / f"model_{step:06d}.pt", src / f"meta_{step:06d}.json"
@@ -127,10 +121,6 @@ def from_nanochat(src_dir: str, step: int, out_dir: str) -> str:
 
 
 def to_nanochat(run_dir: str, step: int | None, out_dir: str) -> str:
-    from flax import nnx
-
-    from nanojax.checkpoint import load_model, read_meta
-
     torch = _torch()
     _, step = read_meta(run_dir, step)
     model, _, config = load_model(run_dir, step)

@@ -9,14 +9,15 @@ import json
 import math
 import sys
 
+import jax
 import numpy as np
+from absl import logging as absl_logging
+
+from nanojax.checkpoint import read_meta, resolve_step_dir, stored_tree
+from nanojax.model import param_name
 
 
 def _leaves(tree):
-    import jax
-
-    from nanojax.model import param_name
-
     out = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         shape = tuple(int(s) for s in (leaf.shape or ()))
@@ -35,8 +36,6 @@ def _leaves(tree):
 
 
 def inspect_checkpoint(path, step: int | None = None) -> dict:
-    from nanojax.checkpoint import read_meta, resolve_step_dir, stored_tree
-
     ckpts, step = resolve_step_dir(path, step)
     step_dir = ckpts / str(step)
     meta, _ = read_meta(path, step)
@@ -94,8 +93,6 @@ def main(argv=None):
     ap.add_argument("--step", type=int, default=None, help="default: the latest")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns about per-item metadata files it never wrote
     try:
         info = inspect_checkpoint(args.path, args.step)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanojax.config import ModelConfig
 from nanojax.model import param_name
 
 # -- schedules ---------------------------------------------------------------------------------------
@@ -131,13 +132,21 @@ def param_labels(params):
     return jax.tree_util.tree_map_with_path(lambda p, x: group_of(param_name(p), x.ndim), params)
 
 
+def base_lrs(config) -> dict[str, float]:
+    """Each group's peak learning rate: AdamW groups scaled by (width/768)^-0.5 as nanochat, all × lr_scale."""
+    o = config.optim
+    width_scale = (ModelConfig.of(config.model).width / 768) ** -0.5 if o.scale_lr_by_width else 1.0
+    return {"muon": o.matrix_lr * o.lr_scale, "embedding": o.embedding_lr * width_scale * o.lr_scale,
+            "unembedding": o.unembedding_lr * width_scale * o.lr_scale}
+
+
 def build_optimizer(config, num_iterations: int) -> optax.GradientTransformation:
     """The full optimizer: torch-style global-norm clip, then Muon / AdamW per group, with schedules."""
-    o, t, m = config.optim, config.train, config.model
-    width_scale = (m.width / 768) ** -0.5 if o.scale_lr_by_width else 1.0
+    o, t = config.optim, config.train
+    lrs = base_lrs(config)
 
     def schedule(base_lr):
-        return lambda count: base_lr * o.lr_scale * lr_multiplier(
+        return lambda count: base_lr * lr_multiplier(
             count, num_iterations, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac
         )
 
@@ -153,13 +162,9 @@ def build_optimizer(config, num_iterations: int) -> optax.GradientTransformation
             lambda c: muon_momentum(c, o.muon_momentum_start, o.muon_momentum_end, o.muon_momentum_warmup_steps),
             tuple(o.ns_coeffs), o.ns_steps, jnp.dtype(o.ns_dtype),
         ),
-        optax.scale_by_learning_rate(schedule(o.matrix_lr)),
+        optax.scale_by_learning_rate(schedule(lrs["muon"])),
     )
-    groups = {
-        "muon": muon,
-        "embedding": adamw(o.embedding_lr * width_scale),
-        "unembedding": adamw(o.unembedding_lr * width_scale),
-    }
+    groups = {"muon": muon, "embedding": adamw(lrs["embedding"]), "unembedding": adamw(lrs["unembedding"])}
     parts = []
     if t.grad_clip and t.grad_clip > 0:
         parts.append(clip_by_global_norm_torch(t.grad_clip))
@@ -169,11 +174,6 @@ def build_optimizer(config, num_iterations: int) -> optax.GradientTransformation
 
 def current_lrs(config, num_iterations: int, step: int) -> dict[str, float]:
     """Each group's learning rate at `step` (for the log)."""
-    o, t, m = config.optim, config.train, config.model
+    t = config.train
     mult = float(lr_multiplier(step, num_iterations, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac))
-    width_scale = (m.width / 768) ** -0.5 if o.scale_lr_by_width else 1.0
-    return {
-        "lr_matrix": o.matrix_lr * o.lr_scale * mult,
-        "lr_embedding": o.embedding_lr * width_scale * o.lr_scale * mult,
-        "lr_unembedding": o.unembedding_lr * width_scale * o.lr_scale * mult,
-    }
+    return {f"lr_{'matrix' if group == 'muon' else group}": lr * mult for group, lr in base_lrs(config).items()}

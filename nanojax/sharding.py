@@ -11,6 +11,8 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nanojax.config import mesh_shape
@@ -30,16 +32,26 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """Mesh ('data', 'fsdp', 'tensor') from the config; −1 takes the rest of the devices.
+def devices_for(mesh_cfg) -> list:
+    """Every device, or the first `mesh.num_devices` (e.g. a 1-device run on a bigger host)."""
+    devices = jax.devices()
+    if mesh_cfg.num_devices > 0:
+        if mesh_cfg.num_devices > len(devices):
+            raise ValueError(f"mesh.num_devices={mesh_cfg.num_devices} but only {len(devices)} devices exist")
+        devices = devices[: mesh_cfg.num_devices]
+    return devices
 
-    Axes are `Auto` (GSPMD propagation): the model code never has to name shardings of activations.
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """Mesh ('data', 'fsdp', 'tensor') from the config over `devices` (default: `devices_for(mesh_cfg)`);
+    −1 takes the rest of the devices.
+
+    Axes are `Auto` (GSPMD propagation): parameters are placed by the rules table, and the model pins the
+    few activations whose sharding propagation would otherwise guess (`constrain`).
     """
-    devices = list(devices if devices is not None else jax.devices())
+    devices = list(devices if devices is not None else devices_for(mesh_cfg))
     shape = mesh_shape(mesh_cfg, len(devices))
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # odd topologies / fake CPU devices: plain order is fine
         grid = np.asarray(devices).reshape(shape)
@@ -77,13 +89,16 @@ def constrain(x: jax.Array, logical_axes) -> jax.Array:
 
 def param_shardings(abstract_state, mesh: Mesh):
     """NamedSharding for every leaf of an nnx.State whose Variables carry `out_sharding` logical names."""
-    from flax import nnx
-
     def one(var):
         names = var.get_metadata().get("out_sharding") or (None,) * var.ndim
         return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh)))
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_arrays(tree, shardings):
+    """ShapeDtypeStructs carrying their shardings: restore and compile targets, nothing allocated."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def like_params(tree, abstract_params, default):
@@ -112,8 +127,3 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def describe(sharding) -> str:
-    spec = getattr(sharding, "spec", None)
-    return str(tuple(spec)) if spec is not None else str(sharding)

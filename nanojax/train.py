@@ -5,6 +5,7 @@ the same command resumes from the run's latest checkpoint, including the data it
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,19 +20,18 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from nanojax import checkpoint as ckpt
 from nanojax import config as cfglib
 from nanojax import paths
 from nanojax import sharding as shd
+from nanojax.console import log
 from nanojax.data import make_iterator
 from nanojax.model import GPT, eval_sums
 from nanojax.optim import build_optimizer, current_lrs, muon_momentum
-
-def log(*args):
-    if jax.process_index() == 0:
-        print(*args, flush=True)
+from nanojax.tokenizer import load_for_config, tokenizer_dir_for
 
 
 def setup_jax():
@@ -43,7 +43,8 @@ def setup_jax():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def run_dir_of(config) -> str:
+def run_dir_for(config) -> str:
+    """Where a run's checkpoints go: `run_dir`, or $NANOJAX_HOME/runs/<run_name>."""
     return config.run_dir or str(paths.runs_dir() / config.run_name)
 
 
@@ -53,11 +54,48 @@ def local_log_dir(run_dir: str, config) -> str:
     return str(paths.runs_dir() / config.run_name) if "://" in run_dir else run_dir
 
 
-# -- state construction -----------------------------------------------------------------------------
+# -- the jitted steps (module-level; TrainState binds their static parts) ---------------------------
+def micro_batch_loss(params, graphdef, micro_batch):
+    """(sum of token losses, counted targets) of one micro-batch."""
+    return nnx.merge(graphdef, params).loss(micro_batch["inputs"], micro_batch["targets"])
+
+
+def accumulate_gradients(graphdef, param_shardings, params, batch):
+    """Summed float32 gradients, loss and counted targets over the micro-batches (the leading batch axis)."""
+    grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+
+    def add(carry, micro_batch):
+        g_acc, loss_acc, n_acc = carry
+        (loss, n), g = grad_fn(params, graphdef, micro_batch)
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        return (jax.lax.with_sharding_constraint(g_acc, param_shardings), loss_acc + loss, n_acc + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (g, loss, n), _ = jax.lax.scan(add, (zeros, 0.0, 0.0), batch)
+    return g, loss, n
+
+
+def train_step(graphdef, tx, param_shardings, abstract_mesh, params, opt_state, batch):
+    """One optimizer step on the token-weighted mean gradient of the whole accumulated batch (not a mean of
+    micro-batch means). The abstract mesh lets the model pin activation shardings by logical names."""
+    with jax.sharding.use_abstract_mesh(abstract_mesh):
+        g, loss, n = accumulate_gradients(graphdef, param_shardings, params, batch)
+        denom = jnp.maximum(n, 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(g), "update_norm": optax.tree.norm(updates),
+                   "tokens": n}
+        return params, opt_state, metrics
+
+
+def eval_step(graphdef, abstract_mesh, params, inputs, targets, token_bytes):
+    with jax.sharding.use_abstract_mesh(abstract_mesh):
+        return eval_sums(nnx.merge(graphdef, params), inputs, targets, token_bytes)
 
 
 class TrainState:
-    """Everything the loop needs: model graph, sharded params/optimizer state and jitted steps."""
+    """What the loop needs besides the arrays: model graph, shardings, abstract shapes and the jitted steps."""
 
     def __init__(self, config, mesh, derived):
         self.config, self.mesh, self.derived = config, mesh, derived
@@ -65,19 +103,24 @@ class TrainState:
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         self.model_dtype = abstract_model.dtype
         self.param_shardings = shd.param_shardings(abstract_params, mesh)
-        self.abstract_params = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, self.param_shardings
-        )
+        self.abstract_params = shd.abstract_arrays(abstract_params, self.param_shardings)
         self.tx = build_optimizer(config, derived.num_iterations)
         abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
         rep = shd.replicated(mesh)
         self.opt_shardings = shd.like_params(abstract_opt, self.abstract_params, rep)
-        self.abstract_opt = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, self.opt_shardings
-        )
+        self.abstract_opt = shd.abstract_arrays(abstract_opt, self.opt_shardings)
         self.batch_sharding = shd.batch_sharding(mesh, ndim=3, batch_axis=1)  # (accum, rows, T)
         self.eval_sharding = shd.batch_sharding(mesh, ndim=2)
-        self._build_steps()
+        self.train_step = jax.jit(
+            functools.partial(train_step, self.graphdef, self.tx, self.param_shardings, mesh.abstract_mesh),
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding),
+            out_shardings=(self.param_shardings, self.opt_shardings, rep),
+            donate_argnums=(0, 1),
+        )
+        self.eval_step = jax.jit(
+            functools.partial(eval_step, self.graphdef, mesh.abstract_mesh),
+            in_shardings=(self.param_shardings, self.eval_sharding, self.eval_sharding, rep), out_shardings=rep,
+        )
 
     def init_params(self):
         seed, model_cfg = self.config.seed, self.config.model
@@ -91,69 +134,8 @@ class TrainState:
     def model(self, params) -> GPT:
         return nnx.merge(self.graphdef, params)
 
-    def _build_steps(self):
-        graphdef, tx = self.graphdef, self.tx
-        p_shard = self.param_shardings
 
-        abstract_mesh = self.mesh.abstract_mesh
-
-        def train_step(params, opt_state, batch):
-            with jax.sharding.use_abstract_mesh(abstract_mesh):  # lets the model pin activation shardings
-                return _train_step(params, opt_state, batch)
-
-        def _train_step(params, opt_state, batch):
-            def micro(carry, mb):
-                g_acc, loss_acc, n_acc = carry
-
-                def f(p):
-                    return nnx.merge(graphdef, p).loss(mb["inputs"], mb["targets"])
-
-                (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
-                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-                return (jax.lax.with_sharding_constraint(g_acc, p_shard), loss_acc + s, n_acc + n), None
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            (g, s, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
-            # token-weighted mean over the whole accumulated batch (not a mean of micro-batch means)
-            denom = jnp.maximum(n, 1.0)
-            g = jax.tree.map(lambda x: x / denom, g)
-            grad_norm = optax.tree.norm(g)
-            updates, opt_state = tx.update(g, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            metrics = {"loss": s / denom, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates), "tokens": n}
-            return params, opt_state, metrics
-
-        rep = shd.replicated(self.mesh)
-        self.train_step = jax.jit(
-            train_step,
-            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding),
-            out_shardings=(self.param_shardings, self.opt_shardings, rep),
-            donate_argnums=(0, 1),
-        )
-
-        def eval_step(params, inputs, targets, token_bytes):
-            with jax.sharding.use_abstract_mesh(abstract_mesh):
-                return eval_sums(nnx.merge(graphdef, params), inputs, targets, token_bytes)
-
-        self.eval_step = jax.jit(
-            eval_step, in_shardings=(self.param_shardings, self.eval_sharding, self.eval_sharding, rep),
-            out_shardings=rep,
-        )
-
-
-# -- data -------------------------------------------------------------------------------------------
-
-
-def global_batch(local_arrays: dict, sharding, global_rows_axis: int, global_rows: int) -> dict:
-    """This host's rows -> one global array per key (each host passes only what it read)."""
-    out = {}
-    for k, v in local_arrays.items():
-        shape = list(v.shape)
-        shape[global_rows_axis] = global_rows
-        out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(shape))
-    return out
-
-
+# -- state restored or initialised ------------------------------------------------------------------
 def reset_step_counts(opt_state):
     """Zero every optimizer `count` (Adam bias correction, schedules, Muon momentum warm-up), keep the rest."""
     def one(path, x):
@@ -162,6 +144,45 @@ def reset_step_counts(opt_state):
         return jnp.zeros_like(x) if name == "count" else x
 
     return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def restore_or_init(state: TrainState, ckptr: ckpt.Checkpointer, config):
+    """(params, opt_state, step, data_state, source): the run's latest checkpoint, else fresh parameters or
+    those of `train.init_from` (the previous stage), whose momenta carry over only if asked for."""
+    latest = ckptr.latest_step()
+    if latest is not None:
+        params, opt_state, data_state, meta = ckptr.restore(latest, state.abstract_params, state.abstract_opt)
+        log(f"resumed from {ckptr.directory}/{latest}")
+        return params, opt_state, latest, data_state, meta.get("init_from")
+    t = config.train
+    params, source = state.init_params(), None
+    if t.init_from:
+        params, src_step = ckpt.load_params(t.init_from, state.abstract_params,
+                                            None if t.init_from_step < 0 else t.init_from_step)
+        source = {"path": str(t.init_from), "step": src_step}
+        log(f"initialised parameters from {t.init_from} (step {src_step})")
+    if t.init_from and t.init_optimizer_state:
+        # momenta carry over; step counters restart so this stage's LR/momentum schedules start at step 0
+        opt_state = reset_step_counts(ckpt.load_opt_state(t.init_from, state.abstract_opt, source["step"]))
+    else:
+        opt_state = state.init_opt_state(params)
+    return params, opt_state, 0, None, source
+
+
+def checkpoint_meta(config, derived, source, tokenizer, step: int) -> dict:
+    return {"step": step, "config": config.to_dict(), "num_params": derived.num_params, "init_from": source,
+            "tokenizer_dir": str(tokenizer_dir_for(config)) if tokenizer is not None else None, "time": time.time()}
+
+
+# -- data -------------------------------------------------------------------------------------------
+def global_batch(local_arrays: dict, sharding, global_rows_axis: int, global_rows: int) -> dict:
+    """This host's rows -> one global array per key (each host passes only what it read)."""
+    out = {}
+    for k, v in local_arrays.items():
+        shape = list(v.shape)
+        shape[global_rows_axis] = global_rows
+        out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+    return out
 
 
 def stack_micro_batches(micro: list[dict]) -> dict:
@@ -176,31 +197,22 @@ def stack_micro_batches(micro: list[dict]) -> dict:
     return {k: np.stack([pad(mb[k], k) for mb in micro]) for k in micro[0]}
 
 
-def load_tokenizer(config):
-    if config.data.kind == "synthetic":
-        return None
-    from nanojax.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(config.data.tokenizer_dir or paths.tokenizer_dir())
-    if tok.vocab_size != config.model.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tok.vocab_size:,} tokens but model.vocab_size={config.model.vocab_size:,}; "
-            f"set --config.model.vocab_size={tok.vocab_size} or point data.tokenizer_dir at the right tokenizer"
-        )
-    return tok
+def next_train_batch(it, state: TrainState) -> dict:
+    """The global (accum, rows, T) batch of one optimizer step, from this host's iterator."""
+    d = state.derived
+    local = stack_micro_batches([next(it) for _ in range(d.grad_accum_steps)])
+    return global_batch(local, state.batch_sharding, 1, d.global_micro_batch)
 
 
-def evaluate(state: TrainState, params, config, derived, tokenizer) -> dict:
+def validation_metrics(state: TrainState, params, tokenizer) -> dict:
     """Validation loss and bits per byte over `train.eval_tokens` tokens of the validation split."""
-    rows = derived.global_micro_batch
+    config, rows = state.config, state.derived.global_micro_batch
     local_rows = rows // jax.process_count()
     steps = max(1, config.train.eval_tokens // (rows * config.model.seq_len))
     it = make_iterator(config, split="val", batch_size=local_rows, process_index=jax.process_index(),
                        process_count=jax.process_count(), tokenizer=tokenizer)
-    if tokenizer is not None:
-        token_bytes = jnp.asarray(np.asarray(tokenizer.token_bytes, np.int32))
-    else:
-        token_bytes = jnp.zeros((config.model.vocab_size,), jnp.int32)
+    token_bytes = np.asarray(tokenizer.token_bytes if tokenizer is not None else
+                             np.zeros(config.model.vocab_size), np.int32)
     totals = None
     try:
         for _ in range(steps):
@@ -213,7 +225,7 @@ def evaluate(state: TrainState, params, config, derived, tokenizer) -> dict:
                 shape = (local_rows, config.model.seq_len)
                 local = {"inputs": np.zeros(shape, np.int32), "targets": np.full(shape, -1, np.int32)}
             batch = global_batch(local, state.eval_sharding, 0, rows)
-            out = state.eval_step(params, batch["inputs"], batch["targets"], token_bytes)
+            out = state.eval_step(params, batch["inputs"], batch["targets"], jnp.asarray(token_bytes))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     finally:
         it.close()
@@ -226,10 +238,96 @@ def evaluate(state: TrainState, params, config, derived, tokenizer) -> dict:
     return result
 
 
-# -- the loop ---------------------------------------------------------------------------------------
+# -- reporting --------------------------------------------------------------------------------------
+class StepReporter:
+    """The step log and metrics.jsonl. Each step's device metrics are read one step late (`dispatched`), so
+    the host never waits for the device before queuing the next step; `flush` reads the last one. Loss EMA,
+    tokens/s, MFU, ETA and learning rates are computed here; a non-finite loss, gradient or update stops
+    the run before anything is saved."""
+
+    def __init__(self, config, derived, log_dir: str, last_good_step):
+        self.config, self.derived, self.total = config, derived, derived.num_iterations
+        self.last_good_step = last_good_step  # () -> the step of the newest checkpoint, for the error message
+        self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+        self.device_kind = jax.devices()[0].device_kind
+        self.pending = None  # (step, device metrics, data wait) not read yet
+        self.ema = self.dt_ema = None
+        self.last: dict = {}
+        self.restart_clock()
+
+    def restart_clock(self):
+        """Time between reports is step time; call after anything else (eval, saving) that takes a while."""
+        self.clock = time.time()
+
+    def dispatched(self, step: int, metrics, data_wait: float):
+        self.flush()
+        self.pending = (step, metrics, data_wait)
+
+    def flush(self):
+        if self.pending is not None:
+            self._report(*self.pending)
+            self.pending = None
+
+    def write(self, record: dict):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def evaluation(self, step: int, results: dict):
+        if results:
+            self.write({"step": step, **results})
+            self.last.update(results)
+            log(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        self.restart_clock()
+
+    def _report(self, step: int, device_metrics, data_wait: float):
+        m = jax.device_get(device_metrics)  # blocks until that step is done
+        now = time.time()
+        dt, self.clock = now - self.clock, now
+        bad = [k for k in ("loss", "grad_norm", "update_norm") if not math.isfinite(float(m[k]))]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite {', '.join(bad)} at step {step + 1} (loss {float(m['loss'])}); stopping without "
+                f"saving: the last good checkpoint (step {self.last_good_step()}) is untouched")
+        rec = self._record(step, m, dt, data_wait)
+        self.write(rec)
+        self.last.update(rec)
+        if (step + 1) % self.config.train.log_every == 0 or step == 0 or step + 1 == self.total:
+            self._log_line(rec, dt, data_wait)
+
+    def _record(self, step: int, m: dict, dt: float, data_wait: float) -> dict:
+        config, loss = self.config, float(m["loss"])
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        self.dt_ema = dt if self.dt_ema is None else 0.9 * self.dt_ema + 0.1 * dt
+        tok_s = config.train.total_batch_size / dt
+        o = config.optim
+        rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
+               "loss_tokens": int(m["tokens"]),  # targets that counted (SFT: assistant tokens only)
+               "step_time_s": dt, "data_wait_s": data_wait, **current_lrs(config, self.total, step),
+               "muon_momentum": float(muon_momentum(step, o.muon_momentum_start, o.muon_momentum_end,
+                                                    o.muon_momentum_warmup_steps))}
+        mfu = self.derived.mfu(tok_s, self.device_kind)
+        if mfu is not None:
+            rec["mfu"] = mfu
+        return rec
+
+    def _log_line(self, rec: dict, dt: float, data_wait: float):
+        o = self.config.optim
+        eta = (self.total - rec["step"]) * self.dt_ema
+        mfu = f" | mfu {rec['mfu'] * 100:.1f}%" if "mfu" in rec else ""
+        lr_mult = rec["lr_matrix"] / max(o.matrix_lr * o.lr_scale, 1e-30)
+        log(f"step {rec['step']:6d}/{self.total} | loss {rec['loss']:.4f} (ema {self.ema:.4f}) | lr×{lr_mult:.3f}"
+            f" | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s{mfu} | {dt * 1000:.0f} ms"
+            f" (data {data_wait * 1000:.0f} ms) | eta {eta / 60:.1f} min")
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
 
-class _StopFlag:
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint after the current step, then a clean exit (a second: at once)."""
+
     def __init__(self):
         self.signum = None
         self._old = {}
@@ -255,174 +353,77 @@ class _StopFlag:
     def should_stop(self) -> bool:
         flag = self.signum is not None
         if jax.process_count() > 1:  # every host must agree, or the ones that save would wait forever
-            from jax.experimental import multihost_utils
-
             flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
         return flag
 
 
+# -- the loop ---------------------------------------------------------------------------------------
 def run(config) -> dict:
     """Train (or resume) the run described by `config`; returns the final metrics."""
     setup_jax()
-    devices = jax.devices()
-    if config.mesh.num_devices > 0:
-        if config.mesh.num_devices > len(devices):
-            raise ValueError(f"mesh.num_devices={config.mesh.num_devices} but only {len(devices)} devices exist")
-        devices = devices[: config.mesh.num_devices]
-    mesh = shd.make_mesh(config.mesh, devices)
-    derived = cfglib.derive(config, len(devices))
-    run_dir = run_dir_of(config)
+    mesh = shd.make_mesh(config.mesh)
+    derived = cfglib.derive(config, mesh.size)
+    run_dir = run_dir_for(config)
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
     log_dir = local_log_dir(run_dir, config)
     if jax.process_index() == 0:
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-
-    tokenizer = load_tokenizer(config)
+    tokenizer = load_for_config(config)
     state = TrainState(config, mesh, derived)
     ckptr = ckpt.Checkpointer(run_dir, config.train.max_to_keep, config.train.async_checkpointing)
     t0 = time.time()
-    step, data_state, source = 0, None, None
-    latest = ckptr.latest_step()
-    if latest is not None:
-        params, opt_state, data_state, meta = ckptr.restore(latest, state.abstract_params, state.abstract_opt)
-        step, source = latest, meta.get("init_from")
-        log(f"resumed from {ckptr.directory}/{latest}")
-    else:
-        params = state.init_params()
-        if config.train.init_from:
-            from_step = None if config.train.init_from_step < 0 else config.train.init_from_step
-            params, src_step = ckpt.load_params(config.train.init_from, state.abstract_params, from_step)
-            source = {"path": str(config.train.init_from), "step": src_step}
-            log(f"initialised parameters from {config.train.init_from} (step {src_step})")
-        if config.train.init_optimizer_state and config.train.init_from:
-            # momenta carry over; step counters restart so this stage's LR/momentum schedules start at step 0
-            opt_state = reset_step_counts(
-                ckpt.load_opt_state(config.train.init_from, state.abstract_opt, source["step"]))
-        else:
-            opt_state = state.init_opt_state(params)
+    params, opt_state, step, data_state, source = restore_or_init(state, ckptr, config)
     log(f"state ready in {time.time() - t0:.1f}s")
-
-    total_steps = derived.num_iterations
-    if step >= total_steps:
-        log(f"run already complete: step {step} of {total_steps}")
+    if step >= derived.num_iterations:
+        log(f"run already complete: step {step} of {derived.num_iterations}")
         ckptr.close()
         return {"step": step}
-
-    local_rows = derived.global_micro_batch // jax.process_count()
-    it = make_iterator(config, split="train", batch_size=local_rows, process_index=jax.process_index(),
-                       process_count=jax.process_count(), tokenizer=tokenizer)
+    it = make_iterator(config, split="train", batch_size=derived.global_micro_batch // jax.process_count(),
+                       process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
     if data_state:
         it.set_state(data_state)
-
-    def meta(at_step):
-        return {
-            "step": at_step, "config": config.to_dict(), "num_params": derived.num_params,
-            "init_from": source, "tokenizer_dir": str(config.data.tokenizer_dir or paths.tokenizer_dir())
-            if tokenizer is not None else None, "time": time.time(),
-        }
-
-    def save(at_step, force=False):
-        ckptr.save(at_step, params, opt_state, it.get_state(), meta(at_step), force=force)
-
-    metrics_file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
-
-    def write(record):
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    peak = cfglib.peak_flops(jax.devices()[0].device_kind)
-    accum = derived.grad_accum_steps
-    pending = None  # (step, device metrics, data_wait) fetched one step late: never blocks dispatch
-    last = {"step": step}
-    ema, ema_beta, dt_ema = None, 0.9, None
-    steps_this_run = 0
-    stopped_by_signal = False
-
-    clock = {"done": time.time()}  # when the last reported step finished on device
-
-    def report(p_step, p_metrics, p_wait):
-        nonlocal ema, dt_ema
-        m = jax.device_get(p_metrics)  # blocks until step p_step is done
-        now = time.time()
-        p_dt, clock["done"] = now - clock["done"], now
-        loss = float(m["loss"])
-        bad = [k for k in ("loss", "grad_norm", "update_norm") if not math.isfinite(float(m[k]))]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite {', '.join(bad)} at step {p_step + 1} (loss {loss}); stopping without saving: the "
-                f"last good checkpoint (step {ckptr.latest_step()}) is untouched"
-            )
-        ema = loss if ema is None else ema_beta * ema + (1 - ema_beta) * loss
-        dt_ema = p_dt if dt_ema is None else 0.9 * dt_ema + 0.1 * p_dt
-        tok_s = config.train.total_batch_size / p_dt
-        lrs = current_lrs(config, total_steps, p_step)
-        rec = {"step": p_step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
-               "loss_tokens": int(m["tokens"]),  # targets that counted (SFT: assistant tokens only)
-               "step_time_s": p_dt, "data_wait_s": p_wait, **lrs,
-               "muon_momentum": float(muon_momentum(p_step, config.optim.muon_momentum_start,
-                                                    config.optim.muon_momentum_end,
-                                                    config.optim.muon_momentum_warmup_steps))}
-        if peak:
-            rec["mfu"] = derived.flops_per_token * tok_s / (peak * derived.num_devices)
-        write(rec)
-        last.update(rec)
-        if (p_step + 1) % config.train.log_every == 0 or p_step == 0 or p_step + 1 == total_steps:
-            eta = (total_steps - p_step - 1) * dt_ema
-            mfu = f" | mfu {rec['mfu'] * 100:.1f}%" if "mfu" in rec else ""
-            lr_mult = lrs["lr_matrix"] / max(config.optim.matrix_lr * config.optim.lr_scale, 1e-30)
-            log(f"step {p_step + 1:6d}/{total_steps} | loss {loss:.4f} (ema {ema:.4f}) | lr×{lr_mult:.3f}"
-                f" | gnorm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu} | {p_dt * 1000:.0f} ms"
-                f" (data {p_wait * 1000:.0f} ms) | eta {eta / 60:.1f} min")
-
+    reporter = StepReporter(config, derived, log_dir, ckptr.latest_step)
     try:
-        with _StopFlag() as stop:
-            while step < total_steps:
-                t_data = time.time()
-                local = stack_micro_batches([next(it) for _ in range(accum)])
-                batch = global_batch(local, state.batch_sharding, 1, derived.global_micro_batch)
-                wait = time.time() - t_data
-                params, opt_state, metrics = state.train_step(params, opt_state, batch)
-                if pending is not None:
-                    report(*pending)
-                pending = (step, metrics, wait)
-                step += 1
-                steps_this_run += 1
-                if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
-                    report(*pending)
-                    pending = None
-                    ev = evaluate(state, params, config, derived, tokenizer)
-                    if ev:
-                        write({"step": step, **ev})
-                        last.update(ev)
-                        log(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                    clock["done"] = time.time()
-                stop_now = stop.should_stop() or (0 < config.train.stop_after_steps <= steps_this_run)
-                if step == total_steps or stop_now or (
-                    config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-                ):
-                    if pending is not None:  # never checkpoint a state whose loss has not been checked
-                        report(*pending)
-                        pending = None
-                    save(step, force=True)
-                    if hasattr(it, "stats"):  # documents, empty/bad rows, truncations, epoch
-                        write({"step": step, "data_stats": it.stats})
-                if stop_now:
-                    stopped_by_signal = stop.signum is not None
-                    break
-            if pending is not None:
-                report(*pending)
+        with StopFlag() as stop:
+            step = train_loop(state, params, opt_state, step, it, ckptr, reporter, stop,
+                              lambda at: checkpoint_meta(config, derived, source, tokenizer, at), tokenizer)
     finally:  # pending async saves of good checkpoints complete even when the run fails
         ckptr.close()
         it.close()
-        if metrics_file:
-            metrics_file.close()
-    log(f"{'stopped' if step < total_steps else 'finished'} at step {step}; checkpoint in {ckptr.directory}/{step}")
-    last["step"] = step
-    last["stopped_by_signal"] = stopped_by_signal
-    return last
+        reporter.close()
+    log(f"{'stopped' if step < derived.num_iterations else 'finished'} at step {step}; "
+        f"checkpoint in {ckptr.directory}/{step}")
+    return {**reporter.last, "step": step, "stopped_by_signal": stop.signum is not None}
+
+
+def train_loop(state: TrainState, params, opt_state, step: int, it, ckptr, reporter: StepReporter,
+               stop: StopFlag, meta, tokenizer) -> int:
+    """Steps until the last iteration or a stop (signal, `train.stop_after_steps`); evaluates and saves on
+    schedule, and never checkpoints a state whose loss has not been checked. Returns the step reached."""
+    t, total = state.config.train, state.derived.num_iterations
+    steps_this_run = 0
+    while step < total:
+        t_data = time.time()
+        batch = next_train_batch(it, state)
+        wait = time.time() - t_data
+        params, opt_state, metrics = state.train_step(params, opt_state, batch)
+        reporter.dispatched(step, metrics, wait)
+        step, steps_this_run = step + 1, steps_this_run + 1
+        if t.eval_every and (step % t.eval_every == 0 or step == total):
+            reporter.flush()
+            reporter.evaluation(step, validation_metrics(state, params, tokenizer))
+        stop_now = stop.should_stop() or 0 < t.stop_after_steps <= steps_this_run
+        if step == total or stop_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            reporter.flush()
+            ckptr.save(step, params, opt_state, it.get_state(), meta(step), force=True)
+            if hasattr(it, "stats"):  # documents, empty/bad rows, truncations, epoch
+                reporter.write({"step": step, "data_stats": it.stats})
+        if stop_now:
+            break
+    reporter.flush()
+    return step
 
 
 def main(argv):

@@ -31,11 +31,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from nanojax import evaluate as ev
+from nanojax.config import default_config
+from nanojax.engine import Engine, generate_naive
+from nanojax.model import GPT
+from nanojax.tokenizer import Tokenizer
+
 
 def _model(depth: int, vocab: int, seq_len: int, seed: int = 0):
-    from nanojax.config import default_config
-    from nanojax.model import GPT
-
     c = default_config().model
     c.depth, c.vocab_size, c.seq_len = depth, vocab, seq_len
     c.compute_dtype = "auto"
@@ -69,9 +72,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.eval_timing:
         return eval_timing(args)
-
-    from nanojax.engine import Engine, generate_naive
-    from nanojax.tokenizer import Tokenizer
 
     if args.prompt + args.new_tokens > args.seq_len:
         ap.error(f"--prompt + --new_tokens = {args.prompt + args.new_tokens} exceeds --seq_len {args.seq_len}")
@@ -117,9 +117,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def eval_timing(args) -> dict:
-    from nanojax import evaluate as ev
-    from nanojax.tokenizer import Tokenizer
-
     sources = dict(item.split("=", 1) for item in args.eval_timing.split(",") if item)
     tasks = {name: ev.make_task(name, sources) for name in sources}
     texts = []

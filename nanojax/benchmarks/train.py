@@ -7,6 +7,7 @@ Synthetic data (no I/O), real optimizer, the same jitted step as `nanojax.train`
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import time
 
@@ -37,8 +38,6 @@ def machine() -> str:
                 cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-        import os
-
         return f"CPU {cpu}, {os.cpu_count()} cores, {jax.device_count()} XLA device(s)"
     return f"{jax.device_count()}× {dev.device_kind}"
 
@@ -53,9 +52,8 @@ def _peak_bytes(compiled):
 
 def benchmark(config, steps: int, compile_only: bool = False) -> dict:
     setup_jax()
-    devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices > 0 else jax.devices()
-    mesh = shd.make_mesh(config.mesh, devices)
-    derived = cfglib.derive(config, len(devices))
+    mesh = shd.make_mesh(config.mesh)
+    derived = cfglib.derive(config, mesh.size)
     print(derived.summary(), flush=True)
     state = TrainState(config, mesh, derived)
     if compile_only:
@@ -64,7 +62,7 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
         t0 = time.time()
         compiled = state.train_step.lower(state.abstract_params, state.abstract_opt,
                                           {"inputs": sds, "targets": sds}).compile()
-        return {"config": config.run_name, "params": derived.num_params, "devices": len(devices),
+        return {"config": config.run_name, "params": derived.num_params, "devices": mesh.size,
                 "mesh": dict(mesh.shape), "tokens_per_step": config.train.total_batch_size,
                 "grad_accum": derived.grad_accum_steps, "compute_dtype": str(state.model_dtype),
                 "compile_s": time.time() - t0, "step_s": None, "tokens_per_s": None, "mfu": None,
@@ -88,13 +86,12 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
     jax.block_until_ready(m)
     dt = (time.time() - t0) / steps
     tok_s = config.train.total_batch_size / dt
-    peak = cfglib.peak_flops(jax.devices()[0].device_kind)
     return {
-        "config": config.run_name, "params": derived.num_params, "devices": len(devices),
+        "config": config.run_name, "params": derived.num_params, "devices": mesh.size,
         "mesh": dict(mesh.shape), "tokens_per_step": config.train.total_batch_size,
         "grad_accum": derived.grad_accum_steps, "compute_dtype": str(state.model_dtype),
         "compile_s": compile_s, "step_s": dt, "tokens_per_s": tok_s,
-        "mfu": derived.flops_per_token * tok_s / (peak * len(devices)) if peak else None,
+        "mfu": derived.mfu(tok_s, jax.devices()[0].device_kind),
         "peak_bytes_per_device": peak_bytes, "loss": float(m["loss"]), "machine": machine(),
     }
 
