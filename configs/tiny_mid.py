@@ -1,5 +1,6 @@
 """Tiny midtraining on a CPU: the configs/tiny.py base run -> tiny_mid, on GSM8K conversations packed into
-256-token rows (no mask), ≈ one epoch of GSM8K train with the tiny tokenizer.
+256-token rows (no mask), ≈ one epoch of GSM8K train with the tiny tokenizer; LR schedule and optimizer as
+pretraining (the defaults), as configs/mid_d20.py.
 
 Local data (no network): --config.data.task_sources="gsm8k=DIR" with DIR holding train.jsonl / test.jsonl
 (or the HF parquet files). With network, the d20 mixture shape works too, e.g.
@@ -19,9 +20,6 @@ def get_config():
     t = c.train
     t.init_from = str(paths.runs_dir() / "tiny")
     t.num_iterations = 160  # ≈ one epoch of GSM8K train (≈1.3M tokens) at 8,192 tokens per step
-    t.warmup_ratio = 0.0
-    t.warmdown_ratio = 0.2
-    t.final_lr_frac = 0.0
     t.eval_every = 40
     t.eval_tokens = 8 * 8192
     t.checkpoint_every = 40

@@ -8,6 +8,7 @@ are categorical (one forward of the completion prompt; logits at the last positi
 through the KV-cache engine; HumanEval programs run in `nanojax.execution`'s sandbox; pass@1, or
 pass@k as "any of k samples" with --num-samples). ChatCORE = mean over the chat tasks of
 (acc - baseline) / (1 - baseline), reported when all five were evaluated (the partial mean is kept too).
+Task names, their eval splits, display names and baselines come from `nanojax.tasks.registry`.
 
 Results are merged into RUN_DIR/eval_results.json (one key per task, so separate invocations add up)
 and rendered to RUN_DIR/eval_results.md. `--max-per-task N` cuts every task to its first N examples
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import pathlib
@@ -26,34 +28,29 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
-from nanojax.engine import bucket
+from nanojax.buckets import bucket
+from nanojax.checkpoint import load_model, read_meta
+from nanojax.console import log
+from nanojax.data import make_iterator
+from nanojax.data.kinds import CONVERSATION_KINDS, canonical_kind
+from nanojax.engine import Engine
 from nanojax.model import eval_sums
+from nanojax.tasks import core
+from nanojax.tasks.registry import ALIASES, EVAL_TASKS, TASKS, eval_name, eval_task, parse_sources
+from nanojax.tokenizer import load_for_config, tokenizer_dir_for
 
 BASE_TASKS = ("core", "bpb")
-CHAT_TASKS = ("mmlu", "arc_easy", "arc_challenge", "gsm8k", "humaneval")
+CHAT_TASKS = EVAL_TASKS
 ALL_TASKS = BASE_TASKS + CHAT_TASKS
-CHAT_BASELINES = {"mmlu": 0.25, "arc_easy": 0.25, "arc_challenge": 0.25, "gsm8k": 0.0, "humaneval": 0.0}
-DISPLAY = {"core": "CORE", "bpb": "val bpb", "mmlu": "MMLU", "arc_easy": "ARC-Easy",
-           "arc_challenge": "ARC-Challenge", "gsm8k": "GSM8K", "humaneval": "HumanEval", "chatcore": "ChatCORE"}
+DISPLAY = {"core": "CORE", "bpb": "val bpb", **{t: TASKS[t].display for t in CHAT_TASKS}, "chatcore": "ChatCORE"}
 # nanochat d20 at launch (v0 README): BASE CORE; SFT chat evals
 NANOCHAT_D20 = {"core": 0.2219, "arc_easy": 0.3876, "arc_challenge": 0.2807, "mmlu": 0.3151, "gsm8k": 0.0455,
                 "humaneval": 0.0854, "chatcore": 0.0884}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def _tqdm(total, desc):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False)
-    except ImportError:  # pragma: no cover
-        return None
 
 
 # ----------------------------------------------------------------------------------- jitted forwards
@@ -100,8 +97,6 @@ def core_forward(model):
 
 # ----------------------------------------------------------------------------------- base evals
 def evaluate_core(model, tokenizer, *, max_per_task=-1, bundle_dir=None, batch_rows=32) -> dict:
-    from nanojax.tasks import core
-
     bundle = core.ensure_bundle(bundle_dir)
     return core.evaluate_core(core_forward(model), tokenizer, bundle, max_per_task=max_per_task,
                               max_len=int(model.cfg.seq_len), batch_rows=batch_rows, log=log)
@@ -110,12 +105,8 @@ def evaluate_core(model, tokenizer, *, max_per_task=-1, bundle_dir=None, batch_r
 def evaluate_bpb(model, tokenizer, config, *, tokens: int | None = None, batch_rows: int = 8) -> dict:
     """Bits per byte over `tokens` tokens (default config.train.eval_tokens) of the validation split:
     sum of nats over targets with a byte length > 0 / (ln 2 * their bytes), as nanochat's loss_eval."""
-    import ml_collections
-
-    from nanojax.data import make_iterator
-
     config = ml_collections.ConfigDict(config.to_dict())
-    if config.data.kind in ("chat", "mid"):
+    if canonical_kind(config.data.kind) in CONVERSATION_KINDS:
         config.data.kind = "fineweb"  # bpb is measured on pretraining text, as nanochat
     seq_len = int(config.model.seq_len)
     tokens = int(tokens or config.train.eval_tokens)
@@ -125,21 +116,12 @@ def evaluate_bpb(model, tokenizer, config, *, tokens: int | None = None, batch_r
     it = make_iterator(config, split="val", batch_size=batch_rows, process_index=0, process_count=1,
                        tokenizer=tokenizer)
     nats, nbytes, n = 0.0, 0.0, 0
-    bar = _tqdm(steps, "bpb")
     try:
-        for _ in range(steps):
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
+        for batch in tqdm(itertools.islice(it, steps), total=steps, desc="bpb", leave=False):
             a, b = _bpb_sums(graphdef, state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
                              token_bytes)
             nats, nbytes, n = nats + float(a), nbytes + float(b), n + int(np.asarray(batch["targets"]).size)
-            if bar:
-                bar.update(1)
     finally:
-        if bar:
-            bar.close()
         close = getattr(it, "close", None)
         if close:
             close()
@@ -150,26 +132,7 @@ def evaluate_bpb(model, tokenizer, config, *, tokens: int | None = None, batch_r
 
 
 # ----------------------------------------------------------------------------------- chat evals
-def make_task(name: str, sources: dict | None = None):
-    sources = sources or {}
-    if name == "mmlu":
-        from nanojax.tasks.mmlu import MMLU
-
-        return MMLU(subset="all", split="test", source=sources.get("mmlu"))
-    if name in ("arc_easy", "arc_challenge"):
-        from nanojax.tasks.arc import ARC
-
-        subset = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
-        return ARC(subset=subset, split="test", source=sources.get(name) or sources.get(f"arc/{subset}"))
-    if name == "gsm8k":
-        from nanojax.tasks.gsm8k import GSM8K
-
-        return GSM8K(subset="main", split="test", source=sources.get("gsm8k"))
-    if name == "humaneval":
-        from nanojax.tasks.humaneval import HumanEval
-
-        return HumanEval(split="test", source=sources.get("humaneval"))
-    raise ValueError(f"unknown task {name!r}; known: {', '.join(ALL_TASKS)}")
+make_task = eval_task  # (name, sources) -> the task on its eval split; benchmarks/generation.py calls it
 
 
 def evaluate_categorical(model, tokenizer, task, *, max_problems=None, batch_size=8, desc="categorical") -> dict:
@@ -179,8 +142,8 @@ def evaluate_categorical(model, tokenizer, task, *, max_problems=None, batch_siz
     bos = tokenizer.bos_token_id
     letter_ids: dict[str, int] = {}
     passed = 0
-    bar = _tqdm(n, desc)
     seq_len = int(model.cfg.seq_len)
+    bar = tqdm(total=n, desc=desc, leave=False)
     for i0 in range(0, n, batch_size):
         convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
         prompts = [tokenizer.render_for_completion(c)[-seq_len:] for c in convs]
@@ -200,10 +163,8 @@ def evaluate_categorical(model, tokenizer, task, *, max_problems=None, batch_siz
                     letter_ids[letter] = enc[0]
             choice = int(np.argmax(logits[j, [letter_ids[x] for x in letters]]))
             passed += int(task.evaluate(conv, letters[choice]))
-        if bar:
-            bar.update(len(convs))
-    if bar:
-        bar.close()
+        bar.update(len(convs))
+    bar.close()
     return {"accuracy": passed / max(1, n), "passed": passed, "total": n}
 
 
@@ -212,13 +173,11 @@ def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=Non
                         desc="generative") -> dict:
     """nanochat's run_generative_eval, batched: `batch_size` problems decode together through the engine;
     a problem passes when any of its `num_samples` completions passes `task.evaluate`."""
-    from nanojax.engine import Engine
-
     engine = engine or Engine(model, tokenizer)
     n = len(task) if max_problems is None else min(len(task), max_problems)
     seq_len = int(model.cfg.seq_len)
     passed = 0
-    bar = _tqdm(n, desc)
+    bar = tqdm(total=n, desc=desc, leave=False)
     for i0 in range(0, n, batch_size):
         convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
         prompts = [tokenizer.render_for_completion(c)[-(seq_len - 1):] for c in convs]
@@ -228,11 +187,9 @@ def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=Non
             rows = results[j * num_samples:(j + 1) * num_samples]
             completions = [tokenizer.decode(r[len(prompts[j]):]) for r in rows]
             passed += int(any(task.evaluate(conv, c) for c in completions))
-        if bar:
-            bar.update(len(convs))
-            bar.set_postfix(acc=f"{passed / (i0 + len(convs)):.3f}")
-    if bar:
-        bar.close()
+        bar.update(len(convs))
+        bar.set_postfix(acc=f"{passed / (i0 + len(convs)):.3f}")
+    bar.close()
     return {"accuracy": passed / max(1, n), "passed": passed, "total": n}
 
 
@@ -240,12 +197,13 @@ def chatcore(results: dict) -> dict | None:
     done = [t for t in CHAT_TASKS if t in results and "accuracy" in results[t]]
     if not done:
         return None
-    cent = [(results[t]["accuracy"] - CHAT_BASELINES[t]) / (1 - CHAT_BASELINES[t]) for t in done]
+    chance = {t: TASKS[t].chance for t in done}
+    cent = [(results[t]["accuracy"] - chance[t]) / (1 - chance[t]) for t in done]
     return {"accuracy": sum(cent) / len(cent), "tasks": done, "complete": len(done) == len(CHAT_TASKS)}
 
 
 # ----------------------------------------------------------------------------------- files
-def run_dir_of(path) -> pathlib.Path:
+def run_dir_containing(path) -> pathlib.Path:
     """The run directory for a run dir, its checkpoints/ dir or a checkpoints/<step> dir."""
     p = pathlib.Path(path).expanduser().resolve()
     for cand in (p, p.parent, p.parent.parent):
@@ -294,15 +252,20 @@ def write_results(run_dir: pathlib.Path, new: dict) -> tuple[pathlib.Path, pathl
 
 # ----------------------------------------------------------------------------------- CLI
 def parse_tasks(spec: str) -> list[str]:
-    names = [t.strip().lower().replace("-", "_") for t in spec.split(",") if t.strip()]
-    if names == ["all"]:
-        return list(ALL_TASKS)
-    if names == ["chat"]:
-        return list(CHAT_TASKS)
-    bad = [t for t in names if t not in ALL_TASKS]
+    """Canonical names of a --tasks list: base evals, chat evals in either spelling, or 'all' / 'chat'."""
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if [t.lower() for t in names] in (["all"], ["chat"]):
+        return list(ALL_TASKS if names[0].lower() == "all" else CHAT_TASKS)
+    out, bad = [], []
+    for t in names:
+        try:
+            out.append(t.lower() if t.lower() in BASE_TASKS else eval_name(t))
+        except ValueError:
+            bad.append(t)
     if bad:
-        raise SystemExit(f"unknown task(s) {bad}; known: {', '.join(ALL_TASKS)} (or 'all', 'chat')")
-    return names
+        raise SystemExit(f"unknown task(s) {bad}; known: {', '.join(ALL_TASKS)} (or 'all', 'chat'; aliases: "
+                         f"{', '.join(ALIASES)})")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -329,27 +292,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="directory for eval_results.{json,md} (default: the run dir)")
     args = ap.parse_args(argv)
     tasks = parse_tasks(args.tasks) if args.tasks != "auto" else None
-
-    from nanojax.checkpoint import load_model, read_meta
+    try:
+        sources = parse_sources(args.sources)
+    except ValueError as e:
+        raise SystemExit(f"--sources: {e}") from None
 
     t0 = time.time()
     model, tokenizer, config = load_model(args.run, args.step)
-    if tokenizer is None:
-        from nanojax.tokenizer import Tokenizer
-
-        if args.tokenizer_dir is None:
-            from nanojax import paths
-
-            args.tokenizer_dir = str(paths.tokenizer_dir())
-        tokenizer = Tokenizer.load(args.tokenizer_dir)
+    if tokenizer is None:  # the checkpoint names none, or it is not on this machine
+        tokenizer = load_for_config(config, args.tokenizer_dir or tokenizer_dir_for(config))
     _, step = read_meta(args.run, args.step)
     if tasks is None:
-        tasks = list(CHAT_TASKS) if config.data.kind in ("chat", "mid") else list(BASE_TASKS)
+        tasks = list(CHAT_TASKS if canonical_kind(config.data.kind) in CONVERSATION_KINDS else BASE_TASKS)
     log(f"loaded {args.run} step {step} in {time.time() - t0:.1f}s; tasks: {', '.join(tasks)}")
-    sources = {}
-    for item in filter(None, (s.strip() for s in args.sources.split(","))):
-        k, _, v = item.partition("=")
-        sources[k.strip().lower().replace("-", "_")] = v.strip()
     max_problems = None if args.max_per_task is None or args.max_per_task < 0 else args.max_per_task
     results: dict = {}
     engine = None
@@ -369,8 +324,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                          batch_size=args.batch_size, desc=DISPLAY[name])
             else:
                 if engine is None:
-                    from nanojax.engine import Engine
-
                     engine = Engine(model, tokenizer)
                 r = evaluate_generative(model, tokenizer, task, engine=engine, max_problems=max_problems,
                                         batch_size=args.batch_size, num_samples=args.num_samples,
@@ -381,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results[name] = r
     results["_meta"] = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds"),
                         "max_per_task": args.max_per_task, "backend": jax.default_backend()}
-    out = pathlib.Path(args.out) if args.out else run_dir_of(args.run)
+    out = pathlib.Path(args.out) if args.out else run_dir_containing(args.run)
     jpath, mpath = write_results(out, results)
     log(f"wrote {jpath} and {mpath}")
     log(mpath.read_text())

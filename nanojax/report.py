@@ -23,7 +23,15 @@ import subprocess
 import sys
 from typing import Sequence
 
-STAGES = {"fineweb": "base", "synthetic": "base (synthetic data)", "mid": "mid", "chat": "sft"}
+import jax
+import ml_collections
+
+from nanojax import config as cfglib
+from nanojax.checkpoint import read_meta
+from nanojax.data.kinds import canonical_kind
+from nanojax.evaluate import CHAT_TASKS, DISPLAY, NANOCHAT_D20
+
+STAGES = {"fineweb": "base", "synthetic": "base (synthetic data)", "mid": "mid", "sft": "sft"}  # by data.kind
 
 
 def _cmd(args: list[str], cwd=None) -> str | None:
@@ -35,8 +43,6 @@ def _cmd(args: list[str], cwd=None) -> str | None:
 
 
 def environment() -> dict:
-    import jax
-
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -73,26 +79,27 @@ def read_config(run_dir: pathlib.Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     try:
-        from nanojax.checkpoint import read_meta
-
         return read_meta(run_dir)[0].get("config", {})
     except Exception:
         return {}
 
 
+def stage(kind: str | None) -> str:
+    """The pipeline stage a run's data.kind means (old spellings too); the kind itself if none is known."""
+    try:
+        return STAGES[canonical_kind(kind)]
+    except ValueError:
+        return kind or "?"
+
+
 def run_summary(run_dir: pathlib.Path) -> dict:
     """Everything the report says about one run, as plain data."""
-    import ml_collections
-
-    from nanojax import config as cfglib
-
     cfg = read_config(run_dir)
     metrics = read_metrics(run_dir)
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "val_bpb" in m or "val_loss" in m]
     s: dict = {"name": run_dir.name, "dir": str(run_dir), "config": cfg}
-    kind = cfg.get("data", {}).get("kind")
-    s["stage"] = STAGES.get(kind, kind or "?")
+    s["stage"] = stage(cfg.get("data", {}).get("kind"))
     s["init_from"] = cfg.get("train", {}).get("init_from") or None
     if cfg.get("model"):
         m = cfglib.fill_model_sizes(ml_collections.ConfigDict(cfg["model"]))
@@ -128,8 +135,6 @@ def run_summary(run_dir: pathlib.Path) -> dict:
 
 def tokenizer_info(run_dir: pathlib.Path) -> dict | None:
     try:
-        from nanojax.checkpoint import read_meta
-
         tok_dir = read_meta(run_dir)[0].get("tokenizer_dir")
     except Exception:
         return None
@@ -144,7 +149,7 @@ def tokenizer_info(run_dir: pathlib.Path) -> dict | None:
 
 def plot_curves(summaries: list[dict], out_dir: pathlib.Path) -> dict[str, str] | None:
     """loss.png and val_bpb.png (one line per run); None when matplotlib is not installed."""
-    try:
+    try:  # optional dependency (pip install matplotlib): imported here so the report works without it
         import matplotlib
 
         matplotlib.use("Agg")
@@ -186,8 +191,6 @@ def _duration(s: float) -> str:
 
 
 def render(summaries: list[dict], env: dict, plots: dict | None) -> str:
-    from nanojax.evaluate import CHAT_TASKS, DISPLAY, NANOCHAT_D20
-
     L = ["# nanojax report card", "",
          f"Generated {env['time']} · git {env['git_commit']} "
          f"({env['git_branch']}{', dirty' if env['git_dirty'] else ''})",

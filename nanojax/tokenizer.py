@@ -11,25 +11,33 @@ On-disk format (a directory, default `$NANOJAX_HOME/tokenizer`), no pickles:
   ranks.tiktoken       tiktoken's own BPE file: one line per token, `base64(token bytes) rank`, ranks 0..N-1
                        (readable by `tiktoken.load.load_tiktoken_bpe` and Hugging Face's tiktoken converter)
   token_bytes.npy      int32 [V]: raw byte length of every id, 0 for special tokens (for bits per byte)
+A run's tokenizer (training, evaluation, checkpoints, data tools) is `load_for_config(config)`.
 
 CLI: `python -m nanojax.tokenizer train [--vocab_size 65536 --max_chars 2e9 --doc_cap 10000 --data_dir DIR]`
 and `python -m nanojax.tokenizer eval` (bytes per token on validation, code, maths and multilingual text).
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import hashlib
 import json
 import os
 import pathlib
+import resource
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tiktoken
+from tqdm import tqdm
 
 from nanojax import paths
+from nanojax.conversation import messages_of, validate
 
 SPECIAL_TOKENS = (
     "<|bos|>",  # starts every document
@@ -45,7 +53,6 @@ SPLIT_PATTERN = (
 )
 FORMAT, FORMAT_VERSION = "nanojax-bpe", 1
 META_FILE, RANKS_FILE, TOKEN_BYTES_FILE = "tokenizer_meta.json", "ranks.tiktoken", "token_bytes.npy"
-PART_TYPES = ("text", "python", "python_output")
 
 
 class Tokenizer:
@@ -250,7 +257,7 @@ class Tokenizer:
 
         sp = self._special
         add(self.bos_token_id, 0)
-        for _, role, content in _validated_messages(conversation):
+        for _, role, content in validate(conversation):
             if role == "user":
                 add(sp["<|user_start|>"], 0)
                 add(self.encode(content), 0)
@@ -280,7 +287,7 @@ class Tokenizer:
 
         As nanochat, truncation to `max_tokens` happens before the appended token.
         """
-        messages = _messages_of(conversation)
+        messages = messages_of(conversation)
         if messages[-1].get("role") != "assistant":
             raise ValueError(f"render_for_completion: the last message (index {len(messages) - 1}) must be "
                              f"from the assistant, got role {messages[-1].get('role')!r}")
@@ -297,6 +304,30 @@ class Tokenizer:
             text = self.decode([token]).replace("\n", "\\n")
             out.append(f"{green if m else red}{text}{f'{dim}({token})' if show_ids else ''}{reset}")
         return f"{dim}|{reset}".join(out)
+
+
+# ---------------------------------------------------------------------- the tokenizer of a run
+def tokenizer_dir_for(config) -> str:
+    """Where a run with `config` keeps its tokenizer: data.tokenizer_dir, else $NANOJAX_HOME/tokenizer."""
+    return str(config.data.tokenizer_dir or paths.tokenizer_dir())
+
+
+def load_for_config(config, directory: str | os.PathLike | None = None) -> Tokenizer | None:
+    """The tokenizer of a run with `config`, loaded from `directory` (a checkpoint's record, a command-line
+    flag) or else `tokenizer_dir_for(config)`; None for data.kind synthetic (no text) unless `directory`
+    names one. Its size must be model.vocab_size: the embedding table is that big, and a mismatch would
+    otherwise surface as silently wrong tokens."""
+    if directory is None:
+        if config.data.kind == "synthetic":
+            return None
+        directory = tokenizer_dir_for(config)
+    tok = Tokenizer.load(directory)
+    if tok.vocab_size != config.model.vocab_size:
+        raise ValueError(
+            f"tokenizer at {directory} has {tok.vocab_size:,} tokens but model.vocab_size="
+            f"{config.model.vocab_size:,}; set --config.model.vocab_size={tok.vocab_size} or point "
+            "data.tokenizer_dir at the right tokenizer")
+    return tok
 
 
 # ---------------------------------------------------------------------- helpers
@@ -319,59 +350,6 @@ def _checked_texts(texts: Iterable[str]) -> Iterable[str]:
         if not isinstance(text, str):
             raise TypeError(f"training text {i} is {type(text).__name__}, expected str")
         yield text
-
-
-def _messages_of(conversation: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
-    messages = conversation.get("messages") if isinstance(conversation, Mapping) else None
-    if not isinstance(messages, (list, tuple)):
-        keys = f" with keys {sorted(conversation)}" if isinstance(conversation, Mapping) else ""
-        raise ValueError(f"a conversation is a dict with a 'messages' list, got "
-                         f"{type(conversation).__name__}{keys}")
-    if not messages:
-        raise ValueError("conversation has no messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r:.100}")
-    return messages
-
-
-def _validated_messages(conversation: Mapping[str, Any]) -> list[tuple[int, str, Any]]:
-    """(index in the original list, role, content) after the system merge, or a ValueError naming the
-    message index and the problem, so one bad row in a 500k-row mixture is easy to find."""
-    messages = _messages_of(conversation)
-    for i, message in enumerate(messages):
-        content = message["content"]
-        if isinstance(content, str):
-            if not content:
-                raise ValueError(f"message {i} ({message['role']}) has empty content")
-        elif message["role"] != "assistant":
-            raise ValueError(f"message {i} ({message['role']}) content must be a str, "
-                             f"got {type(content).__name__} (only assistant messages have parts)")
-        elif not isinstance(content, (list, tuple)):
-            raise ValueError(f"message {i} (assistant) content must be a str or a list of parts, "
-                             f"got {type(content).__name__}")
-        elif not content:
-            raise ValueError(f"message {i} (assistant) has an empty list of parts")
-        else:
-            for j, part in enumerate(content):
-                if not isinstance(part, Mapping) or not isinstance(part.get("text"), str):
-                    raise ValueError(f"message {i}, part {j}: a part is a dict with 'type' and a str 'text', "
-                                     f"got {part!r:.100}")
-                if part.get("type") not in PART_TYPES:
-                    raise ValueError(f"message {i}, part {j}: unknown part type {part.get('type')!r} "
-                                     f"(expected one of {', '.join(PART_TYPES)})")
-    out = [(i, m["role"], m["content"]) for i, m in enumerate(messages)]
-    if out[0][1] == "system":
-        if len(out) < 2 or out[1][1] != "user":
-            got = "nothing" if len(out) < 2 else f"role {out[1][1]!r}"
-            raise ValueError(f"message 0 is a system message, so message 1 must be from the user, got {got}")
-        out = [(1, "user", out[0][2] + "\n\n" + out[1][2])] + out[2:]
-    for position, (i, role, _) in enumerate(out):
-        expected = "user" if position % 2 == 0 else "assistant"
-        if role != expected:
-            raise ValueError(f"message {i} has role {role!r} but should be {expected!r}: after an optional "
-                             "leading system message, roles alternate user, assistant, user, ...")
-    return out
 
 
 @contextlib.contextmanager
@@ -441,29 +419,6 @@ EVAL_SAMPLES = {
 }
 
 
-def parquet_shards(data_dir: str | os.PathLike) -> list[pathlib.Path]:
-    """Sorted .parquet files of a directory (or the one file given); FineWeb's last shard is validation."""
-    path = pathlib.Path(data_dir)
-    files = [path] if path.is_file() else sorted(path.glob("*.parquet")) if path.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no .parquet files at {path}: download FineWeb-Edu shards first "
-                                "(`python -m nanojax.data.fineweb download -n 8` is 2B characters) or pass "
-                                "--data_dir DIR (a directory of parquet files with a 'text' column)")
-    return files
-
-
-def iter_parquet_texts(files: Sequence[pathlib.Path], column: str = "text") -> Iterable[str]:
-    """Non-empty texts of the files, one row group at a time (memory stays flat on large shards)."""
-    import pyarrow.parquet as pq
-
-    for path in files:
-        pf = pq.ParquetFile(path)
-        if column not in pf.schema_arrow.names:
-            raise ValueError(f"{path} has no {column!r} column (columns: {pf.schema_arrow.names})")
-        for group in range(pf.num_row_groups):
-            yield from filter(None, pf.read_row_group(group, columns=[column]).column(0).to_pylist())
-
-
 def _take_chars(texts: Iterable[str], n: int) -> str:
     out, total = [], 0
     for text in texts:
@@ -479,19 +434,14 @@ def _int(value: str) -> int:
 
 
 def _peak_rss_mb() -> float:
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def cmd_train(args) -> Tokenizer:
-    import time
+    from nanojax.data import fineweb  # CLI only: data depends on the tokenizer, never the reverse
 
-    from tqdm import tqdm
-
-    files = parquet_shards(args.data_dir)
+    files = fineweb.list_shards(args.data_dir)
     train_files = files[:-1] if len(files) > 1 else files
     note = " (the only shard: no held-out validation shard)" if len(files) == 1 else ", last shard held out"
     print(f"training on {len(train_files)} parquet file(s) in {args.data_dir}{note}")
@@ -501,7 +451,7 @@ def cmd_train(args) -> Tokenizer:
 
     def texts():
         with tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="reading text") as bar:
-            for text in iter_parquet_texts(train_files):
+            for text in fineweb.iter_parquet_texts(train_files):
                 text = text[:args.doc_cap]
                 stats["chars"] += len(text)
                 stats["docs"] += 1
@@ -514,7 +464,7 @@ def cmd_train(args) -> Tokenizer:
 
     tok = Tokenizer.train(texts(), args.vocab_size)
     seconds = time.perf_counter() - t0
-    tok.info = {"data_dir": str(args.data_dir), "train_files": [f.name for f in train_files],
+    tok.info = {"data_dir": str(args.data_dir), "train_files": [pathlib.PurePath(f).name for f in train_files],
                 "max_chars": args.max_chars, "doc_cap": args.doc_cap, **stats,
                 "seconds": round(seconds, 2), "peak_rss_mb": round(_peak_rss_mb(), 1)}
     out = tok.save(args.tokenizer_dir)
@@ -533,8 +483,6 @@ def _reference_encodings(names: Sequence[str], timeout: float) -> dict[str, Any]
 
     Loaded in a daemon thread so a network that hangs (instead of failing) cannot stall the eval.
     """
-    import threading
-
     found: dict[str, Any] = {}
 
     def load():
@@ -551,20 +499,22 @@ def _reference_encodings(names: Sequence[str], timeout: float) -> dict[str, Any]
 
 
 def cmd_eval(args) -> dict[str, dict[str, float]]:
+    from nanojax.data import fineweb  # CLI only: data depends on the tokenizer, never the reverse
+
     tok = Tokenizer.load(args.tokenizer_dir)
     samples: dict[str, str] = {}
     try:
-        files = parquet_shards(args.data_dir)
+        files = fineweb.list_shards(args.data_dir)
     except FileNotFoundError as err:
         print(f"note: no FineWeb rows ({err})")
     else:
         if len(files) > 1:
-            samples["fwe-train"] = _take_chars(iter_parquet_texts(files[:1]), args.sample_chars)
-            samples["fwe-val"] = _take_chars(iter_parquet_texts(files[-1:]), args.sample_chars)
+            samples["fwe-train"] = _take_chars(fineweb.iter_parquet_texts(files[:1]), args.sample_chars)
+            samples["fwe-val"] = _take_chars(fineweb.iter_parquet_texts(files[-1:]), args.sample_chars)
         else:  # a single shard is also what `train` used, so it is not held out
-            samples["fwe-train (only shard)"] = _take_chars(iter_parquet_texts(files), args.sample_chars)
+            samples["fwe-train (only shard)"] = _take_chars(fineweb.iter_parquet_texts(files), args.sample_chars)
     for path in map(pathlib.Path, args.text):
-        samples[path.stem] = (_take_chars(iter_parquet_texts([path]), args.sample_chars)
+        samples[path.stem] = (_take_chars(fineweb.iter_parquet_texts([path]), args.sample_chars)
                               if path.suffix == ".parquet" else path.read_text()[:args.sample_chars])
     samples.update(EVAL_SAMPLES)
     encoders = {"nanojax": tok.encoding}
@@ -587,8 +537,6 @@ def cmd_eval(args) -> dict[str, dict[str, float]]:
 
 def main(argv: Sequence[str] | None = None) -> Tokenizer | dict[str, dict[str, float]]:
     """CLI entry point; returns the trained tokenizer (train) or bytes per token per text and encoding."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m nanojax.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "train a BPE tokenizer on parquet text"),

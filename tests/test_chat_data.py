@@ -2,16 +2,19 @@
 exact resume, midtraining packing, bad rows, the make_iterator dispatch."""
 import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import micro_config
+from helpers import ROOT, micro_config
 from nanojax.data import make_iterator
-from nanojax.data.chat import make_mid_iterator, make_sft_iterator, pad_lengths, round_up, sft_batch
+from nanojax.data.chat import count_epoch, make_mid_iterator, make_sft_iterator, pad_lengths, round_up, sft_batch
 from nanojax.model import GPT
 from nanojax.tasks.common import BadRowError, Task
 from nanojax.tokenizer import Tokenizer
@@ -235,16 +238,21 @@ def test_mid_packs_the_stream_without_mask_and_resumes(tok):
     it.close(), it2.close()
 
 
-def test_make_iterator_dispatches_on_kind(tok, tmp_path):
+def _gsm_config(tmp_path, kind):
     rows = [{"question": f"What is {i} + {i * 7}?", "answer": f"It is <<{i}+{i * 7}={i * 8}>>{i * 8}.\n#### {i * 8}"}
             for i in range(40)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:9]))
     c = micro_config()
     c.model.seq_len = 128
-    c.data.kind = "chat"
+    c.data.kind = kind
     c.data.train_tasks, c.data.val_tasks = "gsm8k/main:train", "gsm8k/main:test"
     c.data.task_sources = f"gsm8k={tmp_path}"
+    return c
+
+
+def test_make_iterator_dispatches_on_kind(tok, tmp_path):
+    c = _gsm_config(tmp_path, "sft")
     it = make_iterator(c, split="train", batch_size=4, process_index=0, process_count=1, tokenizer=tok)
     b = next(it)
     assert b["inputs"].shape[0] == 4 and b["inputs"].shape[1] in (64, 128)
@@ -258,3 +266,36 @@ def test_make_iterator_dispatches_on_kind(tok, tmp_path):
     c.data.val_tasks = ""
     with pytest.raises(ValueError, match="data.val_tasks is empty"):
         make_iterator(c, split="val", batch_size=4, process_index=0, process_count=1, tokenizer=tok)
+
+
+def test_old_kind_chat_is_sft(tok, tmp_path):
+    """A run config saved before the rename (data.kind "chat") builds the very same SFT iterator."""
+    new = _gsm_config(tmp_path, "sft")
+    old = ml_collections.ConfigDict({**new.to_dict(), "data": {**new.data.to_dict(), "kind": "chat"}})
+    its = [make_iterator(c, split="train", batch_size=4, process_index=0, process_count=1, tokenizer=tok)
+           for c in (new, old)]
+    for _ in range(3):
+        a, b = (next(it) for it in its)
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        np.testing.assert_array_equal(a["targets"], b["targets"])
+    assert its[0].get_state() == its[1].get_state()
+    assert count_epoch(old, tok) == count_epoch(new, tok)
+    old.data.kind = "sftt"
+    with pytest.raises(ValueError, match=r"data.kind='sftt' is not a known data pipeline \(known: synthetic, "
+                                         r"fineweb, mid, sft; old names: chat = sft\)"):
+        make_iterator(old, split="train", batch_size=4, process_index=0, process_count=1, tokenizer=tok)
+
+
+def test_count_cli_loads_the_configs_tokenizer(tok, tmp_path):
+    """`python -m nanojax.data.chat count` on an old-spelling SFT config: rows, tokens, steps of one epoch."""
+    c = _gsm_config(tmp_path, "chat")
+    tok.save(tmp_path / "tok")
+    cmd = [sys.executable, "-m", "nanojax.data.chat", "count", f"--config={ROOT / 'configs' / 'tiny_sft.py'}",
+           "--config.data.kind=chat", f"--config.data.task_sources={c.data.task_sources}",
+           f"--config.data.tokenizer_dir={tmp_path / 'tok'}", "--config.model.vocab_size=320",
+           "--config.model.seq_len=128", f"--config.train.total_batch_size={4 * 128}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    c.train.total_batch_size = 4 * 128
+    assert f"one epoch: --config.train.num_iterations={count_epoch(c, tok)['steps_per_epoch']}" in out.stdout
+    assert "RuntimeWarning" not in out.stderr  # run as __main__ without a second copy of the module

@@ -10,6 +10,7 @@ from helpers import micro_config
 from nanojax import evaluate as ev
 from nanojax.model import GPT
 from nanojax.tasks import core
+from nanojax.tasks.registry import EVAL_TASKS, TASKS
 from nanojax.tokenizer import Tokenizer
 
 VOCAB = 265
@@ -274,6 +275,18 @@ def test_chatcore_and_markdown():
     assert "| MMLU | 0.4000 (4/10) | 0.3151 |" in md and "ChatCORE" in md
 
 
+def test_task_names_come_from_the_registry(tmp_path):
+    assert ev.CHAT_TASKS == EVAL_TASKS and ev.DISPLAY["arc_challenge"] == TASKS["arc_challenge"].display
+    assert ev.parse_tasks("core, ARC-Easy, arc/ARC-Challenge,mmlu") == ["core", "arc_easy", "arc_challenge", "mmlu"]
+    assert ev.parse_tasks("all") == ["core", "bpb", *EVAL_TASKS] and ev.parse_tasks("chat") == list(EVAL_TASKS)
+    with pytest.raises(SystemExit, match=r"unknown task\(s\) \['smoltalk', 'arc'\]; known: core, bpb, mmlu.*"
+                                         r"aliases: arc/ARC-Easy, arc/ARC-Challenge"):
+        ev.parse_tasks("smoltalk,arc,gsm8k")
+    step_dir = tmp_path / "run" / "checkpoints" / "7"
+    step_dir.mkdir(parents=True)
+    assert ev.run_dir_containing(step_dir) == ev.run_dir_containing(tmp_path / "run") == (tmp_path / "run").resolve()
+
+
 # ------------------------------------------------------------------------------------------ CLI end to end
 @pytest.mark.slow
 def test_cli_end_to_end_on_a_micro_run(tmp_path, tok, shared_dir):
@@ -297,7 +310,7 @@ def test_cli_end_to_end_on_a_micro_run(tmp_path, tok, shared_dir):
                            for i in range(3)))
     he = shared_dir / "data" / "humaneval" / "HumanEval.jsonl.gz"
     out = ev.main([str(c.run_dir), "--tasks=all", "--max-per-task=2", f"--eval-bundle={bundle}",
-                   f"--sources=mmlu={mmlu},gsm8k={gsm},humaneval={he},arc_easy={arc},arc_challenge={arc}",
+                   f"--sources=mmlu={mmlu},gsm8k={gsm},humaneval={he},arc_easy={arc},arc/ARC-Challenge={arc}",
                    "--max-new-tokens=4", "--bpb-tokens=1024"])
     assert set(out) >= {"core", "bpb", "mmlu", "arc_easy", "arc_challenge", "gsm8k", "humaneval"}
     assert out["bpb"]["bpb"] > 0 and out["mmlu"]["total"] == 2 and out["humaneval"]["total"] == 2

@@ -219,6 +219,20 @@ def test_empty_dir_error_says_where(tmp_path):
     assert fineweb.main(["status", "--dir", str(tmp_path)]) == 1
 
 
+def test_one_listing_for_a_directory_or_a_file_and_its_texts(tmp_path):
+    fineweb.write_shard(tmp_path / "shard_00001.parquet", ["b1", "", "b2"], row_group_size=1)
+    fineweb.write_shard(tmp_path / "shard_00000.parquet", ["a1"])
+    (tmp_path / ".hidden.parquet").write_bytes(b"x")
+    files = fineweb.list_shards(tmp_path)
+    assert files == [str(tmp_path / "shard_00000.parquet"), str(tmp_path / "shard_00001.parquet")]
+    assert fineweb.list_shards(files[1]) == [files[1]]  # one file, as the tokenizer CLI's --data_dir allows
+    assert list(fineweb.iter_parquet_texts(files)) == ["a1", "b1", "b2"]  # empty documents skipped
+    with pytest.raises(FileNotFoundError, match="no .parquet files in .*the directory does not exist"):
+        fineweb.list_shards(tmp_path / "shard_00002.parquet")
+    with pytest.raises(ValueError, match="has no 'body' column"):
+        next(fineweb.iter_parquet_texts(files, column="body"))
+
+
 def test_check_shard_and_split(tmp_path):
     fineweb.write_shard(tmp_path / "a.parquet", ["x", "y"])
     assert fineweb.check_shard(tmp_path / "a.parquet") == 2

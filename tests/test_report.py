@@ -72,3 +72,9 @@ def test_report_tolerates_a_cut_metrics_line_and_no_evals(tmp_path):
         f.write('{"step": 4, "lo')
     s = report.run_summary(run)
     assert s["steps"] == 3 and s["evals"] == {} and s["stage"] == "base"
+
+
+def test_stage_names_old_and_new_kinds(tmp_path):
+    assert report.run_summary(_fake_run(tmp_path, "new", "sft", steps=2))["stage"] == "sft"
+    assert report.stage("chat") == "sft"  # run configs written before the rename
+    assert report.stage("mid") == "mid" and report.stage("future_kind") == "future_kind" and report.stage(None) == "?"

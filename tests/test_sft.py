@@ -10,6 +10,7 @@ from helpers import load_config_file, micro_config
 from nanojax import checkpoint as ckpt
 from nanojax.config import derive
 from nanojax.data import make_iterator
+from nanojax.tasks.registry import parse_mixture
 from nanojax.tokenizer import Tokenizer
 from nanojax.train import run, stack_micro_batches
 
@@ -48,7 +49,7 @@ def base(tmp_path_factory):
 def _sft(tmp_path, gsm_like, base_dir, name="sft", steps=12):
     c = micro_config(tmp_path / name, steps=steps)
     c.model.vocab_size, c.model.seq_len = 320, 64
-    c.data.kind = "chat"
+    c.data.kind = "sft"
     c.data.tokenizer_dir = str(gsm_like / "tokenizer")
     c.data.train_tasks, c.data.val_tasks = "gsm8k/main:train", "gsm8k/main:test"
     c.data.task_sources = f"gsm8k={gsm_like}"
@@ -128,6 +129,8 @@ def test_stage2_configs_are_valid():
     assert derive(sft, 1).grad_accum_steps == 8  # 32 conversations per step on one device too
     assert sft.optim.lr_scale == 0.02 and sft.train.warmdown_ratio == 1.0 and sft.run_name == "chat_d20"
     assert sft.train.init_from.endswith(os.path.join("runs", "mid_d20"))
+    assert sft.data.kind == "sft" and parse_mixture(sft.data.train_tasks) == parse_mixture(  # as before the rename
+        "arc/ARC-Easy:train, arc/ARC-Challenge:train, gsm8k/main:train, smoltalk:train[:10000]")
     mid = load_config_file("mid_d20")
     assert derive(mid, 8).grad_accum_steps == 1 and mid.data.kind == "mid" and mid.train.warmdown_ratio == 0.2
     assert mid.train.init_from.endswith(os.path.join("runs", "base_d20"))

@@ -8,11 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanojax.tasks.arc import ARC
-from nanojax.tasks.common import (BadRowError, Task, TaskMixture, TaskSequence, build_task, parse_mixture,
-                                  parse_sources, render_mc)
+from nanojax.tasks.common import BadRowError, Task, TaskMixture, render_mc
 from nanojax.tasks.gsm8k import GSM8K, answer_parts, extract_answer
 from nanojax.tasks.humaneval import HumanEval, extract_imports, extract_program
 from nanojax.tasks.mmlu import MMLU
+from nanojax.tasks.registry import (EVAL_TASKS, TASKS, build_task, eval_name, eval_task, parse_mixture, parse_sources,
+                                    resolve, source_for)
 from nanojax.tasks.smoltalk import SmolTalk
 
 
@@ -66,8 +67,6 @@ def test_slicing_and_mixture_match_nanochat():
     assert len(mix) == 15
     assert [mix[i]["messages"][0]["content"] for i in range(15)] == ["abc"[t] + str(i) for t, i in pairs]
     assert [mix.locate(i) for i in range(15)] == pairs
-    seq = TaskSequence(tasks[:2])
-    assert [c["messages"][0]["content"] for c in seq][6:8] == ["a6", "b0"]
 
 
 def test_smoltalk_parquet_layout_shuffle_and_split_files(tmp_path):
@@ -266,3 +265,42 @@ def test_hub_layouts_pick_the_right_files(monkeypatch, tmp_path):
     assert len(HumanEval()) == 2
     assert len(SmolTalk(split="train")) == 7 and len(SmolTalk(split="test")) == 1
     assert all(kind == "dataset" for _, kind in calls)
+
+
+def test_registry_names_and_old_spellings():
+    old = parse_mixture("arc/ARC-Easy:train, arc/ARC-Challenge:train, mmlu/auxiliary_train:train, "
+                        "mmlu/all:test[:5200], gsm8k/main:train")
+    assert [(e["name"], e["subset"]) for e in old] == [
+        ("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge"), ("mmlu", "auxiliary_train"), ("mmlu", "all"),
+        ("gsm8k", "main")]
+    assert parse_mixture("arc_easy:train, ARC-Challenge:train") == old[:2]
+    assert resolve("arc/arc-easy") == resolve("Arc-Easy") == ("arc_easy", "ARC-Easy")
+    with pytest.raises(ValueError, match=r"unknown task 'arc'; known: smoltalk, .*humaneval \(aliases: arc/ARC-Easy"):
+        parse_mixture("arc:train")
+    with pytest.raises(ValueError, match="task 'arc_easy' is subset 'ARC-Easy', not 'ARC-Challenge'"):
+        resolve("arc_easy/ARC-Challenge")
+    assert EVAL_TASKS == ("mmlu", "arc_easy", "arc_challenge", "gsm8k", "humaneval")
+    assert [TASKS[t].chance for t in EVAL_TASKS] == [0.25, 0.25, 0.25, 0.0, 0.0]
+    assert eval_name("arc/ARC-Challenge") == "arc_challenge" and eval_name("mmlu/all") == "mmlu"
+    for not_an_eval in ("smoltalk", "mmlu/auxiliary_train"):
+        with pytest.raises(ValueError, match="is not a chat eval; they are mmlu, arc_easy"):
+            eval_name(not_an_eval)
+
+
+def test_sources_in_either_spelling(tmp_path):
+    rows = [{"id": "q", "question": "Which?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}]
+    _write(tmp_path / "easy" / "test-00000-of-00001.parquet", rows)
+    _write(tmp_path / "easy" / "train-00000-of-00001.parquet", rows * 2)
+    for spec in (f"arc_easy={tmp_path / 'easy'}", f"arc/ARC-Easy={tmp_path / 'easy'}"):
+        sources = parse_sources(spec)
+        assert source_for(sources, "arc_easy", "ARC-Easy") == str(tmp_path / "easy")
+        assert source_for(sources, "arc_challenge", "ARC-Challenge") is None
+        task = eval_task("arc_easy", sources)
+        assert isinstance(task, ARC) and (task.subset, task.split, len(task)) == ("ARC-Easy", "test", 1)
+        assert len(build_task(parse_mixture("arc/ARC-Easy:train")[0], sources)) == 2
+    both = parse_sources("mmlu=/all_subsets, mmlu/auxiliary_train=/aux")
+    assert source_for(both, "mmlu", "auxiliary_train") == "/aux" and source_for(both, "mmlu", "all") == "/all_subsets"
+    with pytest.raises(ValueError, match="'arc_easy' and 'arc/ARC-Easy' name the same task"):
+        parse_sources("arc_easy=/a, arc/ARC-Easy=/b")
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        parse_sources("nope=/a")

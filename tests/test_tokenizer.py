@@ -10,6 +10,7 @@ import tiktoken
 import tiktoken.load
 
 from nanojax import paths
+from nanojax.config import default_config
 from nanojax import tokenizer as tokenizer_mod
 from nanojax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -186,6 +187,26 @@ def test_default_directory_and_load_errors(tok):
         Tokenizer.load()
     with pytest.raises(FileNotFoundError, match="nanojax.tokenizer train"):
         Tokenizer.load(paths.home() / "nowhere")
+
+
+def test_the_tokenizer_of_a_run_config(tok, tmp_path):
+    c = default_config()
+    c.model.vocab_size = VOCAB
+    c.data.kind = "sft"
+    assert tokenizer_mod.tokenizer_dir_for(c) == str(paths.tokenizer_dir())  # data.tokenizer_dir "" -> the default
+    c.data.tokenizer_dir = str(tok.save(tmp_path / "tok"))
+    assert tokenizer_mod.tokenizer_dir_for(c) == str(tmp_path / "tok")
+    assert tokenizer_mod.load_for_config(c).encode("abc") == tok.encode("abc")
+    c.data.kind = "synthetic"  # no text, no tokenizer ...
+    assert tokenizer_mod.load_for_config(c) is None
+    assert tokenizer_mod.load_for_config(c, tmp_path / "tok").vocab_size == VOCAB  # ... unless one is named
+    c.model.vocab_size = 512
+    with pytest.raises(ValueError, match=f"tokenizer at {tmp_path / 'tok'} has 600 tokens but model.vocab_size=512; "
+                                         "set --config.model.vocab_size=600"):
+        tokenizer_mod.load_for_config(c, tmp_path / "tok")
+    c.data.kind, c.data.tokenizer_dir = "fineweb", str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nanojax.tokenizer train"):
+        tokenizer_mod.load_for_config(c)
 
 
 def test_pickles(tok):  # grain's worker processes receive the tokenizer by pickle

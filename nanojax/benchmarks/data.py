@@ -23,22 +23,24 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
+from absl import flags
+
+from nanojax import paths
+from nanojax.data import fineweb, pretrain
+from nanojax.tokenizer import Tokenizer
 
 DEFAULT_TEXT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "kjv.parquet"
 DEFAULT_CONFIGS = "1:1:0,1:2:0,2:1:0,2:2:0,3:2:0,4:4:0,2:2:1,2:2:2"
 
 
 def _texts(path) -> list[str]:
-    import pyarrow.parquet as pq
-
     return [t for t in pq.read_table(path, columns=["text"]).column(0).to_pylist() if t]
 
 
 def synthetic_shards(out_dir: pathlib.Path, text_path, total_mb: float, n_shards: int = 4,
                      mean_chars: int = 4700, seed: int = 0) -> list[str]:
     """FineWeb-layout shards: documents are random runs of lines from the source text (no exact repeats)."""
-    from nanojax.data import fineweb
-
     lines = [ln for t in _texts(text_path) for ln in t.splitlines() if ln.strip()]
     rng = random.Random(seed)
     per_shard = total_mb * 1e6 / n_shards
@@ -59,9 +61,6 @@ def synthetic_shards(out_dir: pathlib.Path, text_path, total_mb: float, n_shards
 
 
 def _tokenizer(tok_dir, text_path):
-    from nanojax import paths
-    from nanojax.tokenizer import Tokenizer
-
     d = pathlib.Path(tok_dir) if tok_dir else paths.tokenizer_dir()
     if (d / "tokenizer_meta.json").exists():
         return Tokenizer.load(d), f"loaded {d}"
@@ -79,8 +78,6 @@ def _tokenizer(tok_dir, text_path):
 
 
 def _baselines(files, tok, seconds: float) -> dict:
-    import pyarrow.parquet as pq
-
     pf = pq.ParquetFile(files[0])
     texts = pf.read_row_groups(range(min(2, pf.num_row_groups)), columns=["text"]).column(0).to_pylist()
     t0, n = time.time(), 0
@@ -108,8 +105,6 @@ def _baselines(files, tok, seconds: float) -> dict:
 def measure(files, tok, *, read_threads, tokenizer_threads, workers, batch_size, seq_len, seconds) -> dict:
     """Tokens/s (inputs, B x T per batch) over `seconds` after the first batch, time to first batch, and
     CPU seconds of this process per million tokens (less sensitive to other load; no workers only)."""
-    from nanojax.data import pretrain
-
     t0 = time.time()
     it = pretrain.make_pretrain_iterator(files, tok, batch_size=batch_size, seq_len=seq_len,
                                          read_threads=read_threads, tokenizer_threads=tokenizer_threads,
@@ -129,8 +124,6 @@ def measure(files, tok, *, read_threads, tokenizer_threads, workers, batch_size,
 
 def stalls(files, tok, *, batch_size, seq_len, step_s: float, steps: int) -> dict:
     """A fake train loop: `step_s` of "compute" per batch; how long does next() block after batch 1?"""
-    from nanojax.data import pretrain
-
     it = pretrain.make_pretrain_iterator(files, tok, batch_size=batch_size, seq_len=seq_len)
     next(it)
     waits = []
@@ -163,12 +156,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # grain reads an absl flag in its workers
         flags.FLAGS.mark_as_parsed()
-    from nanojax.data import fineweb
-
     text_path = pathlib.Path(args.text)
     tmp = None
     if args.dir:

@@ -19,8 +19,11 @@ import platform
 import time
 from typing import Any, Callable, Sequence
 
+import rustbpe
+
 from nanojax import paths
-from nanojax.tokenizer import SPLIT_PATTERN, Tokenizer, _int, _peak_rss_mb, iter_parquet_texts, parquet_shards
+from nanojax.data.fineweb import iter_parquet_texts, list_shards
+from nanojax.tokenizer import SPLIT_PATTERN, Tokenizer, _int, _peak_rss_mb
 
 _SHARED_KJV = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "kjv.parquet"
 
@@ -37,7 +40,7 @@ def _default_corpus() -> pathlib.Path:
 def load_docs(path: pathlib.Path, doc_cap: int = 10_000, limit_chars: int | None = None) -> list[str]:
     """Documents of the corpus, each cropped to `doc_cap` characters as for tokenizer training."""
     if path.suffix == ".parquet" or path.is_dir():
-        texts = iter_parquet_texts(parquet_shards(path))
+        texts = iter_parquet_texts(list_shards(path))
     else:
         texts = filter(None, path.read_text().split("\n\n"))  # paragraphs of a plain-text file
     docs, total = [], 0
@@ -119,8 +122,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"train: vocab {args.vocab_size:,} on {results['train']['chars']:,} chars in {train_s:.2f} s "
           f"({results['train']['chars'] / train_s / 1e6:.1f} M chars/s), peak RSS {_peak_rss_mb():,.0f} MiB")
     # nanochat's own path (rustbpe straight from the iterator) on the same text, for comparison.
-    import rustbpe
-
     t0 = time.perf_counter()
     rustbpe.Tokenizer().train_from_iterator(iter(train_docs), args.vocab_size - 9, pattern=SPLIT_PATTERN)
     results["train"]["nanochat_rustbpe_seconds"] = round(time.perf_counter() - t0, 3)

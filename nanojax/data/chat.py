@@ -1,7 +1,7 @@
-"""Conversation pipelines for midtraining (`data.kind="mid"`) and SFT (`data.kind="chat"`).
+"""Conversation pipelines for midtraining (`data.kind="mid"`) and SFT (`data.kind="sft"`; old name "chat").
 
 Both read a task mixture (`data.train_tasks` / `data.val_tasks`, e.g. "smoltalk:train, mmlu/auxiliary_train:train,
-gsm8k/main:train"; syntax in `nanojax.tasks.common.parse_mixture`), shuffled once as nanochat's TaskMixture
+gsm8k/main:train"; syntax in `nanojax.tasks.registry.parse_mixture`), shuffled once as nanochat's TaskMixture
 (seed `data.mixture_seed`=42), render each conversation with `Tokenizer.render_conversation` and give
 {"inputs", "targets"} int32 arrays of (this process's rows, T). Process p of P takes conversations p, p+P,
 p+2P, ... of the mixture (nanochat's `range(rank, len, world)`): no overlap, nothing skipped.
@@ -45,8 +45,13 @@ import threading
 from typing import Any, Mapping
 
 import numpy as np
+from absl import app
+from ml_collections import config_flags
 
-from nanojax.tasks.common import BadRowError, Task, TaskMixture, build_task, parse_mixture, parse_sources
+from nanojax.data.kinds import canonical_kind
+from nanojax.tasks.common import BadRowError, Task, TaskMixture
+from nanojax.tasks.registry import build_task, parse_mixture, parse_sources, source_for
+from nanojax.tokenizer import load_for_config
 
 MIN_PAD_LENGTH = 64
 MID_MAX_TOKENS = 2048  # midtraining cuts a conversation at max(this, seq_len) tokens (nanochat's render default)
@@ -396,7 +401,7 @@ def build_mixture(spec: str, sources: str = "", seed: int = 42) -> Task:
         tasks = []
         for entry in parse_mixture(spec):
             tkey = (entry["name"], entry["subset"], entry["split"], entry["start"], entry["stop"],
-                    src.get(f"{entry['name']}/{entry['subset']}") or src.get(entry["name"]))
+                    source_for(src, entry["name"], entry["subset"]))
             if tkey not in _TASK_CACHE:
                 _TASK_CACHE[tkey] = build_task(entry, src)
             tasks.append(_TASK_CACHE[tkey])
@@ -406,8 +411,9 @@ def build_mixture(spec: str, sources: str = "", seed: int = 42) -> Task:
 
 def make_chat_iterator_from_config(config, *, split: str, batch_size: int, process_index: int,
                                    process_count: int, tokenizer) -> ChatIterator:
-    """The loop's entry point for data.kind in {"chat" (SFT), "mid"}; split "train" or "val"."""
+    """The loop's entry point for data.kind in {"sft", "mid"}; split "train" or "val"."""
     d = config.data
+    kind = canonical_kind(d.kind)
     if tokenizer is None:
         raise ValueError(f"data.kind={d.kind!r} needs a tokenizer (data.tokenizer_dir)")
     if split not in ("train", "val"):
@@ -420,20 +426,21 @@ def make_chat_iterator_from_config(config, *, split: str, batch_size: int, proce
     seq_len = config.model.seq_len
     common = dict(batch_size=batch_size, seq_len=seq_len, process_index=process_index,
                   process_count=process_count, skip_bad_rows=d.skip_bad_rows, prefetch=d.prefetch)
-    if d.kind == "chat":
+    if kind == "sft":
         return make_sft_iterator(dataset, tokenizer, finite=split == "val",
                                  lengths=pad_lengths(seq_len, d.pad_lengths), **common)
-    if d.kind == "mid":
+    if kind == "mid":
         return make_mid_iterator(dataset, tokenizer, announce=split == "train", **common)
-    raise ValueError(f"make_chat_iterator_from_config: data.kind={d.kind!r} is not chat|mid")
+    raise ValueError(f"make_chat_iterator_from_config: data.kind={d.kind!r} is not sft|mid")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def count_epoch(config, tokenizer) -> dict:
     """Rows, tokens and optimizer steps in one epoch of the train mixture (renders every conversation)."""
     dataset = build_mixture(config.data.train_tasks, config.data.task_sources, config.data.mixture_seed)
+    mid = canonical_kind(config.data.kind) == "mid"
     seq_len, tokens, bad, truncated = config.model.seq_len, 0, 0, 0
-    limit = max(MID_MAX_TOKENS, seq_len) if config.data.kind == "mid" else seq_len + 1
+    limit = max(MID_MAX_TOKENS, seq_len) if mid else seq_len + 1
     for i in range(len(dataset)):
         try:
             ids, _ = tokenizer.render_conversation(dataset[i], max_tokens=10**9)
@@ -443,7 +450,7 @@ def count_epoch(config, tokenizer) -> dict:
         truncated += len(ids) > limit
         tokens += min(len(ids), limit)
     rows = len(dataset) - bad
-    if config.data.kind == "mid":
+    if mid:
         steps = tokens // config.train.total_batch_size  # each micro-batch also drops one boundary token
     else:
         steps = rows // (config.train.total_batch_size // seq_len)
@@ -451,18 +458,13 @@ def count_epoch(config, tokenizer) -> dict:
 
 
 def main(argv):
-    from nanojax.train import load_tokenizer
-
-    if len(argv) != 2 or argv[1] != "count":
+    if len(argv) != 2 or argv[1] != "count" or _CONFIG.value is None:
         raise SystemExit("usage: python -m nanojax.data.chat count --config=configs/X.py [--config.a.b=v]")
-    stats = count_epoch(_CONFIG.value, load_tokenizer(_CONFIG.value))
+    stats = count_epoch(_CONFIG.value, load_for_config(_CONFIG.value))
     print(" | ".join(f"{k} {v:,}" for k, v in stats.items()))
     print(f"one epoch: --config.train.num_iterations={stats['steps_per_epoch']}")
 
 
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
-
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
     app.run(main)

@@ -30,6 +30,15 @@ import sys
 import time
 from typing import Iterable, Sequence
 
+import huggingface_hub
+import huggingface_hub.constants
+import huggingface_hub.utils
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from nanojax import config as cfglib
 from nanojax import paths
 
 REPO_ID = "karpathy/fineweb-edu-100b-shuffle"
@@ -77,15 +86,16 @@ def download_command(n: int | None = None, directory=None) -> str:
 
 
 def list_shards(directory=None) -> list[str]:
-    """All `*.parquet` files directly in `directory` (local or gs://), sorted by name.
+    """All `*.parquet` files directly in `directory` (local or gs://), sorted by name, or the one local
+    .parquet file given. Every reader of parquet text lists its files here (training, tokenizer CLI).
 
     Hidden files, the staging folder and `.corrupt` files are ignored. Raises FileNotFoundError saying
     where it looked when there are none, so a wrong path fails at start-up rather than at step 0.
     """
     d = _resolve_dir(directory)
+    if not _is_remote(d) and d.endswith(".parquet") and pathlib.Path(d).is_file():
+        return [d]
     if _is_remote(d):
-        import pyarrow.fs as pafs
-
         fs, root = pafs.FileSystem.from_uri(d)
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         scheme = d.split("://", 1)[0]
@@ -98,10 +108,29 @@ def list_shards(directory=None) -> list[str]:
             if p.is_dir() else []
     if not found:
         raise FileNotFoundError(
-            f"no parquet shards found in {d} (looked for *.parquet"
+            f"no .parquet files in {d} (looked for *.parquet"
             f"{'' if _is_remote(d) or pathlib.Path(d).is_dir() else '; the directory does not exist'}). "
-            f"Download some with: {download_command(8, d)}")
+            f"Download FineWeb-Edu shards with: {download_command(8, d)} (8 shards are 2B characters), "
+            "or point at a directory of parquet files with a 'text' column")
     return found
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A local path or a URI (gs://, s3://, ... through pyarrow's own filesystems)."""
+    if "://" in path:
+        fs, p = pafs.FileSystem.from_uri(path)
+        return pq.ParquetFile(fs.open_input_file(p))
+    return pq.ParquetFile(path)
+
+
+def iter_parquet_texts(files: Sequence[str | os.PathLike], column: str = "text") -> Iterable[str]:
+    """Non-empty texts of the files, one row group at a time (memory stays flat on large shards)."""
+    for path in files:
+        pf = open_parquet(str(path))
+        if column not in pf.schema_arrow.names:
+            raise ValueError(f"{path} has no {column!r} column (columns: {pf.schema_arrow.names})")
+        for group in range(pf.num_row_groups):
+            yield from filter(None, pf.read_row_group(group, columns=[column]).column(0).to_pylist())
 
 
 def train_val_split(files: Sequence[str]) -> tuple[list[str], str]:
@@ -119,10 +148,8 @@ def train_val_split(files: Sequence[str]) -> tuple[list[str], str]:
 
 def check_shard(path) -> int:
     """Read the parquet footer; return the row count. Raises CorruptShardError naming the file."""
-    import pyarrow.parquet as pq
-
     try:
-        md = pq.ParquetFile(str(path)).metadata
+        md = open_parquet(str(path)).metadata
         names = md.schema.names
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for truncated or foreign files
         raise CorruptShardError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
@@ -140,16 +167,7 @@ def shards_needed(tokens: float, chars_per_token: float = CHARS_PER_TOKEN) -> in
 
 def config_tokens(config_path: str) -> int:
     """Training tokens of a config file (`get_config()`): iterations x total_batch_size, as config.derive."""
-    import importlib.util
-
-    from nanojax import config as cfglib
-
-    spec = importlib.util.spec_from_file_location("_nanojax_config", config_path)
-    if spec is None or not pathlib.Path(config_path).is_file():
-        raise FileNotFoundError(f"config file not found: {config_path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = cfglib.load_config_file(config_path)
     total, _ = cfglib.count_params(cfglib.fill_model_sizes(c.model))
     t = c.train
     iters = t.num_iterations
@@ -160,9 +178,6 @@ def config_tokens(config_path: str) -> int:
 
 def write_shard(path, texts: Iterable[str], row_group_size: int = 1024) -> None:
     """Write texts in the dataset's own layout (tests, benchmarks): one `text` column, zstd, no stats."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.table({"text": pa.array(list(texts), type=pa.string())})
     tmp = f"{path}.tmp"
     pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", use_dictionary=False,
@@ -171,9 +186,7 @@ def write_shard(path, texts: Iterable[str], row_group_size: int = 1024) -> None:
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def _move_aside(path: pathlib.Path) -> pathlib.Path:
@@ -196,8 +209,6 @@ def _fetch(name: str, d: pathlib.Path, *, repo_id: str, revision: str, retries: 
     Transient errors are retried `retries` times with exponential backoff; a file that downloads but does
     not read as parquet is re-downloaded once from scratch, then reported.
     """
-    from huggingface_hub import hf_hub_download
-
     if (d / name).exists():  # another process sharing the directory may have fetched it meanwhile
         try:
             check_shard(d / name)
@@ -210,7 +221,7 @@ def _fetch(name: str, d: pathlib.Path, *, repo_id: str, revision: str, retries: 
     for corrupt_try in range(2):
         for attempt in range(retries + 1):
             try:
-                staged = pathlib.Path(hf_hub_download(
+                staged = pathlib.Path(huggingface_hub.hf_hub_download(
                     repo_id, name, repo_type="dataset", revision=revision,
                     local_dir=staging, endpoint=endpoint, force_download=force))
                 break
@@ -283,12 +294,9 @@ def ensure_shards(indices: Iterable[int], directory=None, *, download: bool = Tr
 
 
 def _download_all(names, d, *, workers, retries, backoff, repo_id, revision, progress) -> None:
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
-    from tqdm.auto import tqdm
-
     t0, total_bytes, failures = time.time(), 0, []
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()  # one overall bar instead of one per concurrent file
+    was_disabled = huggingface_hub.utils.are_progress_bars_disabled()
+    huggingface_hub.utils.disable_progress_bars()  # one overall bar instead of one per concurrent file
     pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
     try:
         with tqdm(total=len(names), unit="shard", desc=f"{repo_id} -> {d}", disable=not progress) as bar:
@@ -304,7 +312,7 @@ def _download_all(names, d, *, workers, retries, backoff, repo_id, revision, pro
     finally:  # on Ctrl-C: drop queued files at once; in-flight ones finish or resume next time
         pool.shutdown(wait=False, cancel_futures=True)
         if not was_disabled:
-            enable_progress_bars()
+            huggingface_hub.utils.enable_progress_bars()
     dt = time.time() - t0
     log.info("downloaded %d shard(s), %.1f MB in %.1fs", len(names) - len(failures), total_bytes / 1e6, dt)
     if failures:

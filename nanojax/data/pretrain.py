@@ -15,7 +15,8 @@ Per process, per epoch:
 
 Resume is exact: the iterator state is a small JSON dict (the position of the first row group still in
 the packing buffer plus an offset into it), so `set_state` on a fresh iterator continues with the very
-next batch; the state goes into the Orbax checkpoint via `grain.checkpoint.CheckpointSave(iterator)`.
+next batch; the train loop saves it with each checkpoint (one JSON file per process,
+`nanojax.checkpoint.DataStateHandler`).
 The loop measures data stalls by timing `next(iterator)`; `iterator.stats` counts documents, empty
 documents, row groups, batches and the epoch, consistent with the batches returned so far.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import json
 import os
 import sys
@@ -35,21 +37,11 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
 from nanojax.data import fineweb
 
 _COUNTERS = ("row_groups", "documents", "empty_documents", "tokens_read")
-
-
-def _open_parquet(path: str):
-    import pyarrow.parquet as pq
-
-    if "://" in path:  # gs://, s3://, ...: pyarrow's own filesystems
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        return pq.ParquetFile(fs.open_input_file(p))
-    return pq.ParquetFile(path)
 
 
 def row_groups(files: Sequence[str], threads: int = 16) -> list[tuple[int, int]]:
@@ -59,7 +51,7 @@ def row_groups(files: Sequence[str], threads: int = 16) -> list[tuple[int, int]]
     """
     def count(path):
         try:
-            return _open_parquet(path).metadata.num_row_groups
+            return fineweb.open_parquet(path).metadata.num_row_groups
         except Exception as e:  # noqa: BLE001
             raise fineweb.CorruptShardError(
                 f"{path}: not a readable parquet file ({type(e).__name__}: {e}); if it is a FineWeb shard, "
@@ -73,8 +65,6 @@ def row_groups(files: Sequence[str], threads: int = 16) -> list[tuple[int, int]]
 
 def data_fingerprint(files: Sequence[str], units, seed: int, shuffle: bool) -> str:
     """Short hash of what decides the token stream: shard names (not their directory), row groups, seed."""
-    import hashlib
-
     names = [f.rstrip("/").rsplit("/", 1)[-1] for f in files]
     return hashlib.sha256(json.dumps([names, len(units), seed, bool(shuffle)]).encode()).hexdigest()[:16]
 
@@ -153,7 +143,7 @@ class _ReadTokenize:
     def __call__(self, unit) -> dict[str, Any]:
         epoch, f, g, part, parts = unit
         try:
-            col = _open_parquet(self.files[f]).read_row_group(g, columns=["text"]).column(0)
+            col = fineweb.open_parquet(self.files[f]).read_row_group(g, columns=["text"]).column(0)
         except Exception as e:  # noqa: BLE001 - name the file, never skip it
             raise fineweb.CorruptShardError(f"{self.files[f]}: row group {g} does not read "
                                             f"({type(e).__name__}: {e})") from e
@@ -339,8 +329,6 @@ def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_l
             "process": [process_index, process_count], "batch": [batch_size, seq_len]}
     ds = _Pack(ds, batch_size, seq_len, max_empty=units.per_epoch, meta=meta)
     if worker_count > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain reads an absl flag in its workers
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,

@@ -1,6 +1,7 @@
 """Task base class, mixtures, multiple-choice rendering and the dataset reader every task uses.
 
-A Task is a dataset of conversations (DESIGN.md's format) plus, for eval tasks, a way to score a completion.
+A Task is a dataset of conversations (nanochat's format, checked by `nanojax.conversation.validate`) plus,
+for eval tasks, a way to score a completion.
 As nanochat (launch, commit 3a5e0bc): `Task(start, stop, step)` is a lightweight view (`len`, `task[i]`),
 every dataset is shuffled once with seed 42 (the same permutation Hugging Face `datasets.shuffle(seed=42)`
 draws: `np.random.default_rng(42).permutation(n)`), and `TaskMixture` interleaves several tasks with one
@@ -12,9 +13,10 @@ or uses the cached copy; `source=PATH` reads a local .parquet / .jsonl / .jsonl.
 holding `<split>*.{parquet,jsonl,jsonl.gz}` files (also under a `<subset>/` subdirectory), in the dataset's
 own column layout.
 
-Bad rows (role order, empty content, unknown part type, malformed fields) raise `BadRowError`, which names
-the dataset, split and row (the row number in the file, before shuffling). `skip_bad_rows=True` instead
-checks every row once at construction, drops the bad ones and counts them in `task.num_skipped`.
+Bad rows (role order, empty content, unknown part type, malformed fields, no complete user/assistant
+exchange) raise `BadRowError`, which names the dataset, split and row (the row number in the file, before
+shuffling). `skip_bad_rows=True` instead checks every row once at construction, drops the bad ones and counts
+them in `task.num_skipped`.
 """
 from __future__ import annotations
 
@@ -25,9 +27,13 @@ import os
 import random
 from typing import Any, Mapping, Sequence
 
+import huggingface_hub
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-PART_TYPES = ("text", "python", "python_output")
+from nanojax.conversation import validate
+
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".json")
 KNOWN_SPLITS = ("train", "test", "validation", "dev", "auxiliary_train")
 
@@ -115,66 +121,12 @@ class TaskMixture(Task):
         return f"TaskMixture({', '.join(f'{t!r}×{n}' for t, n in zip(self.tasks, self.lengths))})"
 
 
-class TaskSequence(Task):
-    """The tasks one after another (a curriculum), no shuffle."""
-
-    def __init__(self, tasks: Sequence[Task], **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.offsets = np.cumsum([0] + [len(t) for t in self.tasks])
-
-    def num_examples(self) -> int:
-        return int(self.offsets[-1])
-
-    def get_example(self, index: int) -> dict:
-        t = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return self.tasks[t][index - int(self.offsets[t])]
-
-
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
     """nanochat's multiple-choice prompt. The letter comes *after* its choice and with no space before it:
     small models bind "=A" to the answer token "A" (the assistant replies with the bare letter)."""
     query = f"Multiple Choice question: {question}\n"
     query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     return query + "\nRespond only with the letter of the correct answer."
-
-
-# ------------------------------------------------------------------------------- conversation checks
-def conversation_problem(conversation: Mapping[str, Any]) -> str | None:
-    """Why `conversation` cannot be rendered (DESIGN.md's format and nanochat's role rules), or None."""
-    messages = conversation.get("messages") if isinstance(conversation, Mapping) else None
-    if not isinstance(messages, (list, tuple)) or not messages:
-        return "no 'messages' list (or it is empty)"
-    rest = messages[1:] if isinstance(messages[0], Mapping) and messages[0].get("role") == "system" else messages
-    if len(rest) < 2:
-        return f"needs at least one user and one assistant message, got {len(rest)} after the system message"
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            return f"message {i} is not a dict with 'role' and 'content'"
-    offset = len(messages) - len(rest)
-    for j, m in enumerate(rest):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            return f"message {j + offset} has role {m['role']!r} but should be {expected!r} (roles alternate)"
-    for i, m in enumerate(messages):
-        content = m["content"]
-        if isinstance(content, str):
-            if not content.strip():
-                return f"message {i} ({m['role']}) has empty content"
-        elif m["role"] != "assistant" or not isinstance(content, (list, tuple)):
-            return f"message {i} ({m['role']}) content must be a str, got {type(content).__name__}"
-        elif not content:
-            return f"message {i} (assistant) has an empty list of parts"
-        else:
-            for j, part in enumerate(content):
-                if not isinstance(part, Mapping) or not isinstance(part.get("text"), str):
-                    return f"message {i}, part {j} is not a dict with a str 'text'"
-                if part.get("type") not in PART_TYPES:
-                    return (f"message {i}, part {j} has unknown type {part.get('type')!r} "
-                            f"(known: {', '.join(PART_TYPES)})")
-            if not any(p["text"].strip() for p in content):
-                return f"message {i} (assistant) has only empty parts"
-    return None
 
 
 # -------------------------------------------------------------------------------------- row datasets
@@ -229,9 +181,10 @@ class DatasetTask(Task):
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise BadRowError(f"{where}: malformed row ({type(e).__name__}: {e})") from e
-        problem = conversation_problem(conversation)
-        if problem:
-            raise BadRowError(f"{where}: {problem}")
+        try:
+            validate(conversation, complete=True)
+        except ValueError as e:
+            raise BadRowError(f"{where}: {e}") from None
         return conversation
 
     def make_conversation(self, row: Mapping[str, Any]) -> dict:
@@ -266,8 +219,6 @@ class Rows:
 def read_rows(dataset: str, subset: str | None, split: str, *, source=None, columns=None) -> Rows:
     """The rows of `dataset` (`subset`, `split`) from `source` (file or directory) or the Hugging Face hub."""
     files = local_files(source, subset, split) if source is not None else hub_files(dataset, subset, split)
-    import pyarrow as pa
-
     tables = [_read_file(f, columns) for f in files]
     try:
         table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
@@ -277,9 +228,6 @@ def read_rows(dataset: str, subset: str | None, split: str, *, source=None, colu
 
 
 def _read_file(path: str, columns):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if path.endswith(".parquet"):
         table = pq.read_table(path)
     else:
@@ -339,13 +287,11 @@ def local_files(source, subset: str | None, split: str) -> list[str]:
 
 def hub_files(dataset: str, subset: str | None, split: str) -> list[str]:
     """The split's parquet files of a Hugging Face dataset repo, downloaded (or found in the HF cache)."""
-    from huggingface_hub import snapshot_download
-
     prefix = f"{subset}/" if subset else ""
     patterns = [f"{prefix}{split}-*.parquet", f"{prefix}{split}/*.parquet", f"data/{split}-*.parquet",
                 f"{prefix}data/{split}-*.parquet"]
     try:
-        local = snapshot_download(dataset, repo_type="dataset", allow_patterns=patterns)
+        local = huggingface_hub.snapshot_download(dataset, repo_type="dataset", allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 (offline / not cached / network: one clear message)
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         raise FileNotFoundError(
@@ -360,72 +306,3 @@ def hub_files(dataset: str, subset: str | None, split: str) -> list[str]:
         raise FileNotFoundError(f"the Hugging Face dataset {dataset!r} has no parquet files for subset {subset!r}, "
                                 f"split {split!r} (looked for {patterns} in {local})")
     return files
-
-
-# ------------------------------------------------------------------------------------ task registry
-TASK_CLASSES = {  # name -> (module, class); subsets are given as name/subset in mixture specs
-    "smoltalk": ("nanojax.tasks.smoltalk", "SmolTalk"),
-    "mmlu": ("nanojax.tasks.mmlu", "MMLU"),
-    "arc": ("nanojax.tasks.arc", "ARC"),
-    "gsm8k": ("nanojax.tasks.gsm8k", "GSM8K"),
-    "humaneval": ("nanojax.tasks.humaneval", "HumanEval"),
-}
-
-
-def task_class(name: str):
-    import importlib
-
-    try:
-        module, cls = TASK_CLASSES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_CLASSES)}") from None
-    return getattr(importlib.import_module(module), cls)
-
-
-def parse_sources(spec: str) -> dict[str, str]:
-    """'gsm8k=/data/gsm8k, arc/ARC-Easy=/data/arc_easy' -> {name[/subset]: path} (keys lower-cased names)."""
-    out = {}
-    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
-        key, sep, path = item.partition("=")
-        if not sep or not key.strip() or not path.strip():
-            raise ValueError(f"task source {item!r} must look like name=PATH or name/subset=PATH")
-        name, _, subset = key.strip().partition("/")
-        task_class(name)  # fail on a typo at once
-        out[name.lower() + (f"/{subset}" if subset else "")] = path.strip()
-    return out
-
-
-def parse_mixture(spec: str) -> list[dict]:
-    """Entries 'name[/subset]:split[[start:stop]][xN]', comma-separated, e.g.
-    'smoltalk:train[:10000], arc/ARC-Easy:train, gsm8k/main:trainx2' -> one dict per task instance
-    (xN repeats an entry N times: oversampling, as passing a task twice to nanochat's TaskMixture)."""
-    import re
-
-    entries = []
-    pattern = re.compile(r"^(?P<name>[A-Za-z0-9_]+)(?:/(?P<subset>[A-Za-z0-9_.-]+))?:(?P<split>[A-Za-z_]+)"
-                         r"(?:\[(?P<start>\d*):(?P<stop>\d*)\])?(?:x(?P<repeat>\d+))?$")
-    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
-        m = pattern.match(item)
-        if not m:
-            raise ValueError(f"mixture entry {item!r} must look like name[/subset]:split[[start:stop]][xN], "
-                             f"e.g. 'smoltalk:train[:10000]' or 'arc/ARC-Easy:train'")
-        task_class(m["name"])
-        entry = {"name": m["name"].lower(), "subset": m["subset"], "split": m["split"],
-                 "start": int(m["start"] or 0), "stop": int(m["stop"]) if m["stop"] else None}
-        entries.extend([entry] * int(m["repeat"] or 1))
-    if not entries:
-        raise ValueError(f"empty task mixture {spec!r}")
-    return entries
-
-
-def build_task(entry: Mapping[str, Any], sources: Mapping[str, str] | None = None, **kwargs) -> Task:
-    """One task from a parsed mixture entry; `sources` maps 'name' or 'name/subset' to a local source."""
-    sources = sources or {}
-    name, subset = entry["name"], entry.get("subset")
-    source = sources.get(f"{name}/{subset}") if subset else None
-    source = source or sources.get(name)
-    cls = task_class(name)
-    args = dict(split=entry["split"], source=source, start=entry.get("start", 0), stop=entry.get("stop"), **kwargs)
-    if subset:
-        args["subset"] = subset
-    return cls(**args)

@@ -19,19 +19,25 @@ argmax at t (numpy arrays); `nanojax.evaluate` supplies a jitted one.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import pathlib
 import random
 import shutil
 import tempfile
+import time
 import urllib.request
 import zipfile
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import yaml
+from jinja2 import Template
+from tqdm import tqdm
 
 from nanojax import paths
+from nanojax.buckets import bucket
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -72,8 +78,6 @@ def ensure_bundle(bundle_dir: str | os.PathLike | None = None, url: str = BUNDLE
 
 def load_task_specs(bundle_dir: pathlib.Path) -> list[dict]:
     """[{label, task_type, dataset_uri, num_fewshot, continuation_delimiter, random_baseline}] from the bundle."""
-    import yaml
-
     bundle_dir = pathlib.Path(bundle_dir)
     config = yaml.safe_load((bundle_dir / "core.yaml").read_text())
     baselines = {}
@@ -123,15 +127,9 @@ _LM = """
 {{ item.context | trim }}{{ continuation_delimiter }}""" \
     """{% if include_continuation %}{{ item.continuation }}{% endif %}""".strip()
 
-_templates: dict[str, Any] = {}
-
-
-def _template(src: str):
-    if src not in _templates:
-        from jinja2 import Template
-
-        _templates[src] = Template(src)
-    return _templates[src]
+@functools.cache
+def _template(src: str) -> Template:
+    return Template(src)
 
 
 def render_prompts(task_type: str, item: dict, delimiter: str, fewshot: Sequence[dict]) -> list[str]:
@@ -193,13 +191,6 @@ def example_sequences(tokenizer, data: Sequence[dict], idx: int, spec: dict,
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def bucket_length(n: int, cap: int | None) -> int:
-    b = 32
-    while b < n:
-        b *= 2
-    return min(b, cap) if cap else b
-
-
 def evaluate_task(forward: Forward, tokenizer, data: Sequence[dict], spec: dict, *, max_len: int | None,
                   batch_rows: int = 32, progress: Callable[[int], None] | None = None) -> float:
     """Accuracy on `data` (already shuffled/truncated). Rows of all examples are packed into batches of
@@ -214,7 +205,7 @@ def evaluate_task(forward: Forward, tokenizer, data: Sequence[dict], spec: dict,
     pad = tokenizer.bos_token_id
     for b0 in range(0, len(order), batch_rows):
         chunk = order[b0:b0 + batch_rows]
-        T = bucket_length(max(len(rows[r][1]) for r in chunk), max_len)
+        T = bucket(max(len(rows[r][1]) for r in chunk), minimum=32, cap=max_len)
         ids = np.full((batch_rows, T), pad, np.int32)
         for j, r in enumerate(chunk):
             ids[j, :len(rows[r][1])] = rows[r][1]
@@ -246,26 +237,18 @@ def centered(accuracy: float, random_baseline_pct: float) -> float:
 def evaluate_core(forward: Forward, tokenizer, bundle_dir, *, max_per_task: int = -1, max_len: int | None = None,
                   batch_rows: int = 32, tasks: Iterable[str] | None = None, log=print) -> dict:
     """{"results": {label: acc}, "centered_results": {label: centred}, "core_metric": mean centred, ...}."""
-    import time
-
     bundle_dir = pathlib.Path(bundle_dir)
     specs = load_task_specs(bundle_dir)
     if tasks is not None:
         wanted = set(tasks)
         specs = [s for s in specs if s["label"] in wanted]
     results, cent, timing = {}, {}, {}
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
     for spec in specs:
         t0 = time.time()
         data = load_task_data(bundle_dir, spec, max_per_task)
-        bar = tqdm(total=len(data), desc=f"CORE {spec['label']}", leave=False) if tqdm else None
-        acc = evaluate_task(forward, tokenizer, data, spec, max_len=max_len, batch_rows=batch_rows,
-                            progress=(lambda n: bar.update(n)) if bar else None)
-        if bar:
-            bar.close()
+        with tqdm(total=len(data), desc=f"CORE {spec['label']}", leave=False) as bar:
+            acc = evaluate_task(forward, tokenizer, data, spec, max_len=max_len, batch_rows=batch_rows,
+                                progress=bar.update)
         results[spec["label"]] = acc
         cent[spec["label"]] = centered(acc, spec["random_baseline"])
         timing[spec["label"]] = time.time() - t0

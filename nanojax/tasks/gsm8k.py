@@ -63,6 +63,3 @@ class GSM8K(DatasetTask):
         ref = extract_answer(ref_text)
         pred = extract_answer(completion)
         return pred is not None and pred == ref
-
-    def reward(self, conversation, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from nanojax.execution import execute
 from nanojax.tasks.common import DatasetTask
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -60,6 +61,4 @@ class HumanEval(DatasetTask):
                 f"check({conversation['entry_point']})")
 
     def evaluate(self, conversation, completion: str, timeout: float = 5.0) -> bool:
-        from nanojax.execution import execute
-
         return bool(execute(self.program(conversation, completion), timeout=timeout).success)

@@ -1,0 +1,16 @@
+"""The data pipelines a config can name (`config.data.kind`) and the old spellings that still load."""
+from __future__ import annotations
+
+KINDS = ("synthetic", "fineweb", "mid", "sft")
+CONVERSATION_KINDS = ("mid", "sft")  # rendered task mixtures (nanojax.data.chat)
+ALIASES = {"chat": "sft"}  # SFT's name until the rename: old run configs and checkpoints keep working
+
+
+def canonical_kind(kind: str) -> str:
+    """`kind` with an old spelling replaced by its current name; ValueError for a kind no pipeline reads."""
+    kind = ALIASES.get(kind, kind)
+    if kind not in KINDS:
+        aliases = ", ".join(f"{old} = {new}" for old, new in ALIASES.items())
+        raise ValueError(f"config.data.kind={kind!r} is not a known data pipeline (known: {', '.join(KINDS)}; "
+                         f"old names: {aliases})")
+    return kind
