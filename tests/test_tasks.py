@@ -304,3 +304,23 @@ def test_sources_in_either_spelling(tmp_path):
         parse_sources("arc_easy=/a, arc/ARC-Easy=/b")
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         parse_sources("nope=/a")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: SmolTalk(split="validation"), r"SmolTalk split must be train\|test, got 'validation'"),
+    (lambda: ARC(subset="ARC-Hard"), r"ARC subset must be ARC-Easy\|ARC-Challenge, got 'ARC-Hard'"),
+    (lambda: GSM8K(split="dev"), r"GSM8K split must be train\|test, got 'dev'"),
+    (lambda: HumanEval(split="train"), r"HumanEval split must be test, got 'train'"),
+    (lambda: HumanEval(subset="x"), r"HumanEval has no subsets, got 'x'"),
+    (lambda: MMLU(subset="all", split="train"), r"MMLU subset 'all' has no 'train' split"),
+])
+def test_a_split_or_subset_the_dataset_lacks_is_refused_before_reading(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_declared_defaults_and_eval_types():
+    assert (SmolTalk.default_split, SmolTalk.eval_type) == ("train", "generative")
+    assert (ARC.subsets[0], ARC.default_split, ARC.eval_type) == ("ARC-Easy", "test", "categorical")
+    assert (MMLU.subsets[0], MMLU.eval_type) == ("all", "categorical")
+    assert (GSM8K.subsets[0], HumanEval.splits) == ("main", ("test",))

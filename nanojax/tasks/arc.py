@@ -11,17 +11,9 @@ from nanojax.tasks.common import BadRowError, DatasetTask, render_mc
 class ARC(DatasetTask):
     dataset = "allenai/ai2_arc"
     columns = ("question", "choices", "answerKey")
-
-    def __init__(self, subset: str = "ARC-Easy", split: str = "test", **kwargs):
-        if subset not in ("ARC-Easy", "ARC-Challenge"):
-            raise ValueError(f"ARC subset must be ARC-Easy|ARC-Challenge, got {subset!r}")
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"ARC split must be train|validation|test, got {split!r}")
-        super().__init__(split, subset, **kwargs)
-
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
+    splits = ("train", "validation", "test")
+    subsets = ("ARC-Easy", "ARC-Challenge")
+    eval_type = "categorical"
 
     def make_conversation(self, row) -> dict:
         letters, texts, answer = list(row["choices"]["label"]), list(row["choices"]["text"]), row["answerKey"]

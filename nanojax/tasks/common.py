@@ -131,7 +131,8 @@ def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> 
 
 # -------------------------------------------------------------------------------------- row datasets
 class DatasetTask(Task):
-    """A Task backed by rows of a Hugging Face dataset; subclasses set `dataset` and write `make_conversation`.
+    """A Task backed by rows of a Hugging Face dataset. Subclasses declare the dataset (`dataset`, `splits`,
+    `subsets`, defaults, `eval_type`) and write `make_conversation` (and `evaluate` for eval tasks).
 
     The rows are read once (pyarrow), permuted with `shuffle_seed` (None: file order) and, with
     `skip_bad_rows`, filtered. `task.row_of(i)` is the file row behind `task[i]`.
@@ -140,9 +141,17 @@ class DatasetTask(Task):
     dataset: str = ""  # Hugging Face repo id
     hub_subset: str | None = None  # the repo's folder for the split files when the task has no subset
     columns: Sequence[str] | None = None  # columns to read (None: all)
+    splits: Sequence[str] = ()  # the dataset's splits
+    subsets: Sequence[str] = ()  # its subsets, the default first; () when it has none
+    default_split: str = "test"
+    eval_type: str = "generative"  # or "categorical": argmax over the conversation's `letters`
 
-    def __init__(self, split: str, subset: str | None = None, *, source: str | os.PathLike | None = None,
-                 shuffle_seed: int | None = 42, skip_bad_rows: bool = False, **kwargs):
+    def __init__(self, split: str | None = None, subset: str | None = None, *,
+                 source: str | os.PathLike | None = None, shuffle_seed: int | None = 42,
+                 skip_bad_rows: bool = False, **kwargs):
+        split = split or self.default_split
+        subset = subset or (self.subsets[0] if self.subsets else None)
+        self.check_split(split, subset)
         super().__init__(**kwargs)
         self.split, self.subset, self.source = split, subset, source
         self.rows = read_rows(self.dataset, subset or self.hub_subset, split, source=source, columns=self.columns)
@@ -159,6 +168,16 @@ class DatasetTask(Task):
                 except BadRowError:
                     self.num_skipped += 1
             self.index = np.asarray(good, dtype=np.int64)
+
+    def check_split(self, split: str, subset: str | None) -> None:
+        """ValueError naming the task and the valid choices for a split or subset it does not have."""
+        cls = type(self).__name__
+        if self.subsets and subset not in self.subsets:
+            raise ValueError(f"{cls} subset must be {'|'.join(self.subsets)}, got {subset!r}")
+        if not self.subsets and subset is not None:
+            raise ValueError(f"{cls} has no subsets, got {subset!r}")
+        if split not in self.splits:
+            raise ValueError(f"{cls} split must be {'|'.join(self.splits)}, got {split!r}")
 
     @property
     def name(self) -> str:

@@ -38,17 +38,8 @@ def answer_parts(answer: str) -> list[dict]:
 class GSM8K(DatasetTask):
     dataset = "openai/gsm8k"
     columns = ("question", "answer")
-
-    def __init__(self, subset: str = "main", split: str = "test", **kwargs):
-        if subset not in ("main", "socratic"):
-            raise ValueError(f"GSM8K subset must be main|socratic, got {subset!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"GSM8K split must be train|test, got {split!r}")
-        super().__init__(split, subset, **kwargs)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
+    splits = ("train", "test")
+    subsets = ("main", "socratic")
 
     def make_conversation(self, row) -> dict:
         question, answer = row["question"], row["answer"]

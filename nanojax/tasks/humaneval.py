@@ -37,15 +37,7 @@ class HumanEval(DatasetTask):
     dataset = "openai/openai_humaneval"
     hub_subset = "openai_humaneval"  # the repo keeps openai_humaneval/test-00000-of-00001.parquet
     columns = ("prompt", "canonical_solution", "test", "entry_point")
-
-    def __init__(self, split: str = "test", **kwargs):
-        if split != "test":
-            raise ValueError(f"HumanEval has only the split 'test', got {split!r}")
-        super().__init__(split, None, **kwargs)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
+    splits = ("test",)
 
     def make_conversation(self, row) -> dict:
         return {

@@ -12,21 +12,16 @@ from nanojax.tasks.common import BadRowError, DatasetTask, render_mc
 class MMLU(DatasetTask):
     dataset = "cais/mmlu"
     letters = ("A", "B", "C", "D")
+    splits = ("train", "validation", "dev", "test")
+    subsets = ("all", "auxiliary_train")
+    eval_type = "categorical"
 
-    def __init__(self, subset: str = "all", split: str = "test", **kwargs):
-        if subset not in ("all", "auxiliary_train"):
-            raise ValueError(f"MMLU subset must be all|auxiliary_train, got {subset!r}")
-        if split not in ("train", "validation", "dev", "test"):
-            raise ValueError(f"MMLU split must be train|validation|dev|test, got {split!r}")
+    def check_split(self, split: str, subset: str | None) -> None:
+        super().check_split(split, subset)
         if subset == "auxiliary_train" and split != "train":
             raise ValueError("MMLU subset auxiliary_train has only the split 'train'")
         if subset == "all" and split == "train":
             raise ValueError("MMLU subset 'all' has no 'train' split (use subset='auxiliary_train')")
-        super().__init__(split, subset, **kwargs)
-
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
 
     def make_conversation(self, row) -> dict:
         if "train" in row and isinstance(row["train"], dict):

@@ -10,15 +10,8 @@ from nanojax.tasks.common import BadRowError, DatasetTask
 class SmolTalk(DatasetTask):
     dataset = "HuggingFaceTB/smol-smoltalk"
     columns = ("messages",)
-
-    def __init__(self, split: str = "train", **kwargs):
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk split must be train|test, got {split!r}")
-        super().__init__(split, None, **kwargs)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
+    splits = ("train", "test")
+    default_split = "train"
 
     def make_conversation(self, row) -> dict:
         messages = row["messages"]
