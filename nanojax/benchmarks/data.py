@@ -3,11 +3,12 @@
     python -m nanojax.benchmarks.data [--dir SHARDS] [--tokenizer DIR] [--configs 1:1:0,2:2:0,2:2:2]
 
 Each config is `read_threads:tokenizer_threads:worker_processes`. Without --dir it uses
-$NANOJAX_HOME/data/fineweb when that holds shards, else it writes ~--mb MB of synthetic shards in the
-dataset's layout (documents of ~4.7k characters stitched from /work/shared/data/text/kjv.parquet, or
-any parquet with a `text` column given by --text) into a temporary directory. Without --tokenizer it
-loads $NANOJAX_HOME/tokenizer, else trains one with rustbpe on that text (65,536 ids or as many as the
-text supports). Two baselines bound the pipeline: tiktoken alone on in-memory text, and pyarrow +
+$NANOJAX_HOME/data/fineweb when that holds shards, else it writes --mb MB of shards in the dataset's
+layout into a temporary directory: documents of ~4.7k characters of generated text
+(nanojax.data.synthetic.synthetic_documents, seed 0), or, with --text PATH (a parquet file with a `text`
+column), stitched from runs of that text's lines. Without --tokenizer it loads $NANOJAX_HOME/tokenizer,
+else trains one with rustbpe on the first 16 MB of the shards' text (65,536 ids or as many as that text
+supports). Two baselines bound the pipeline: tiktoken alone on in-memory text, and pyarrow +
 tiktoken in a plain loop (no Grain, no packing).
 """
 from __future__ import annotations
@@ -28,9 +29,10 @@ from absl import flags
 
 from nanojax import paths
 from nanojax.data import fineweb, pretrain
+from nanojax.data.synthetic import synthetic_documents
 from nanojax.tokenizer import Tokenizer
 
-DEFAULT_TEXT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "kjv.parquet"
+TOKENIZER_TRAIN_MB = 16.0  # of the shards' text, when a tokenizer is trained here
 DEFAULT_CONFIGS = "1:1:0,1:2:0,2:1:0,2:2:0,3:2:0,4:4:0,2:2:1,2:2:2"
 
 
@@ -40,10 +42,19 @@ def _texts(path) -> list[str]:
 
 def synthetic_shards(out_dir: pathlib.Path, text_path, total_mb: float, n_shards: int = 4,
                      mean_chars: int = 4700, seed: int = 0) -> list[str]:
-    """FineWeb-layout shards: documents are random runs of lines from the source text (no exact repeats)."""
+    """FineWeb-layout shards of `total_mb` MB of text: generated documents when `text_path` is None,
+    else random runs of lines from that parquet file's text (no exact repeats)."""
+    per_shard = total_mb * 1e6 / n_shards
+    if text_path is None:
+        docs, files = synthetic_documents(int(total_mb * 1e6), seed=seed, mean_chars=mean_chars), []
+        bounds = np.searchsorted(np.cumsum([len(d) for d in docs]), per_shard * np.arange(1, n_shards))
+        for part in np.split(np.arange(len(docs)), bounds):
+            if len(part):  # tiny sizes: fewer documents than shards
+                files.append(str(out_dir / fineweb.shard_name(len(files))))
+                fineweb.write_shard(files[-1], [docs[i] for i in part])
+        return files
     lines = [ln for t in _texts(text_path) for ln in t.splitlines() if ln.strip()]
     rng = random.Random(seed)
-    per_shard = total_mb * 1e6 / n_shards
     files = []
     for s in range(n_shards):
         docs, size = [], 0
@@ -60,11 +71,18 @@ def synthetic_shards(out_dir: pathlib.Path, text_path, total_mb: float, n_shards
     return files
 
 
-def _tokenizer(tok_dir, text_path):
+def _tokenizer(tok_dir, files):
+    """The tokenizer in `tok_dir` (default $NANOJAX_HOME/tokenizer), else one trained on the shards."""
     d = pathlib.Path(tok_dir) if tok_dir else paths.tokenizer_dir()
     if (d / "tokenizer_meta.json").exists():
         return Tokenizer.load(d), f"loaded {d}"
-    texts, vocab = _texts(text_path), 65536
+    texts, size = [], 0
+    for text in fineweb.iter_parquet_texts(files):
+        texts.append(text)
+        size += len(text)
+        if size >= TOKENIZER_TRAIN_MB * 1e6:
+            break
+    vocab = 65536
     t0 = time.time()
     try:
         tok = Tokenizer.train(texts, vocab)
@@ -74,7 +92,7 @@ def _tokenizer(tok_dir, text_path):
             raise
         vocab = int(m.group(1))
         tok = Tokenizer.train(texts, vocab)
-    return tok, f"trained on {text_path.name}, vocab {tok.vocab_size} ({time.time() - t0:.1f}s)"
+    return tok, f"trained on {size / 1e6:.1f} MB of the shards, vocab {tok.vocab_size} ({time.time() - t0:.1f}s)"
 
 
 def _baselines(files, tok, seconds: float) -> dict:
@@ -143,8 +161,10 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m nanojax.benchmarks.data", description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=None, help="parquet shard directory (default: see module doc)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default $NANOJAX_HOME/tokenizer)")
-    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="source text for synthetic shards/tokenizer")
-    ap.add_argument("--mb", type=float, default=64.0, help="synthetic data size in MB of text")
+    ap.add_argument("--text", default=None,
+                    help="parquet file ('text' column) to build the shards and tokenizer from, when there "
+                         "is no --dir and no FineWeb in $NANOJAX_HOME (default: generated text)")
+    ap.add_argument("--mb", type=float, default=64.0, help="size of the temporary shards in MB of text")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="read_threads:tokenizer_threads:workers,...")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -158,7 +178,7 @@ def main(argv=None) -> list[dict]:
 
     if not flags.FLAGS.is_parsed():  # grain reads an absl flag in its workers
         flags.FLAGS.mark_as_parsed()
-    text_path = pathlib.Path(args.text)
+    text_path = pathlib.Path(args.text) if args.text else None
     tmp = None
     if args.dir:
         files = fineweb.list_shards(args.dir)
@@ -170,8 +190,9 @@ def main(argv=None) -> list[dict]:
             tmp = tempfile.TemporaryDirectory(prefix="nanojax_bench_data_")
             t0 = time.time()
             files = synthetic_shards(pathlib.Path(tmp.name), text_path, args.mb)
-            source = f"synthetic {args.mb:.0f} MB from {text_path.name} ({time.time() - t0:.1f}s to write)"
-    tok, tok_info = _tokenizer(args.tokenizer, text_path)
+            origin = text_path.name if text_path else "generated text (seed 0)"
+            source = f"synthetic {args.mb:g} MB from {origin} ({time.time() - t0:.1f}s to write)"
+    tok, tok_info = _tokenizer(args.tokenizer, files)
     print(f"data: {source}: {len(files)} file(s); tokenizer: {tok_info}; "
           f"batch {args.batch_size}x{args.seq_len}")
     specs = [tuple(int(x) for x in spec.split(":")) for spec in args.configs.split(",")]

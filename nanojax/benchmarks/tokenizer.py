@@ -3,11 +3,14 @@
 Pretraining must never wait on the tokenizer: a 2-core host should batch-encode at >= 4M tokens/s
 (issue 4). Training time is compared with nanochat's (rustbpe, same code path) on the same text.
 
-    python -m nanojax.benchmarks.tokenizer [--corpus PATH] [--train_chars 50e6] [--vocab_size 16384]
+    python -m nanojax.benchmarks.tokenizer [--corpus PATH|synthetic] [--train_chars 50e6] [--vocab_size 16384]
 
-The corpus is a parquet file or directory ('text' column) or a text file; it is repeated to reach the
-requested sizes. Repetition adds no new words, so training on repeated text is faster than on as many
-characters of fresh web text: quote training times together with the corpus they were measured on.
+The default corpus is the FineWeb shards in $NANOJAX_HOME/data/fineweb when there are any, else
+synthetic text (nanojax.data.synthetic.synthetic_documents, seed 0) generated at the requested size, so
+the benchmark runs in a bare clone. --corpus takes a parquet file or directory ('text' column), a text
+file (paragraphs are documents), or `synthetic`. A file corpus is repeated to reach the requested sizes;
+repetition adds no new words, so training on repeated text is faster than on as many characters of fresh
+web text: quote training times together with the corpus they were measured on (the JSON names it).
 """
 from __future__ import annotations
 
@@ -23,18 +26,29 @@ import rustbpe
 
 from nanojax import paths
 from nanojax.data.fineweb import iter_parquet_texts, list_shards
+from nanojax.data.synthetic import synthetic_documents
 from nanojax.tokenizer import SPLIT_PATTERN, Tokenizer, _int, _peak_rss_mb
 
-_SHARED_KJV = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "kjv.parquet"
+SYNTHETIC = "synthetic"
 
 
-def _default_corpus() -> pathlib.Path:
-    for candidate in (paths.data_dir("fineweb"), _SHARED_KJV):
-        if candidate.is_file() or (candidate.is_dir() and any(candidate.glob("*.parquet"))):
-            return candidate
-    raise FileNotFoundError(f"no corpus found (looked at {paths.data_dir('fineweb')} and {_SHARED_KJV}): "
-                            "pass --corpus PATH (a parquet file or directory with a 'text' column, "
-                            "or a text file)")
+def _default_corpus() -> pathlib.Path | str:
+    """$NANOJAX_HOME/data/fineweb when it holds parquet shards, else SYNTHETIC."""
+    fineweb = paths.data_dir("fineweb")
+    return fineweb if fineweb.is_dir() and any(fineweb.glob("*.parquet")) else SYNTHETIC
+
+
+def synthetic_docs(limit_chars: int, doc_cap: int = 10_000, seed: int = 0) -> list[str]:
+    """Synthetic documents cropped to `doc_cap` characters, at least `limit_chars` of them in total."""
+    n = int(limit_chars * 1.25) + doc_cap  # cropping drops ~12% of the characters at the defaults
+    while True:
+        docs, total = [], 0
+        for doc in synthetic_documents(n, seed=seed):
+            docs.append(doc[:doc_cap])
+            total += len(docs[-1])
+            if total >= limit_chars:
+                return docs
+        n *= 2
 
 
 def load_docs(path: pathlib.Path, doc_cap: int = 10_000, limit_chars: int | None = None) -> list[str]:
@@ -90,11 +104,15 @@ def _cpu_name() -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m nanojax.benchmarks.tokenizer",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", type=pathlib.Path, default=None,
-                        help="parquet file/dir or text file (default: FineWeb shards if present, else KJV)")
+    parser.add_argument("--corpus", default=None,
+                        help="parquet file/dir, text file, or 'synthetic' (default: the FineWeb shards in "
+                             "$NANOJAX_HOME/data/fineweb if any, else synthetic text)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic text")
     parser.add_argument("--train_chars", "--train-chars", type=_int, default=50_000_000)
     parser.add_argument("--vocab_size", "--vocab-size", type=_int, default=16384,
-                        help="KJV supports at most ~20.7K; use 65536 on FineWeb")
+                        help="ids including the 9 specials; a small or repetitive corpus runs out of merges "
+                             "(one 4.4 MB book: ~20.7K), synthetic text supports ~49K from 1 MB and ~148K "
+                             "from 50 MB; nanochat uses 65536 on FineWeb")
     parser.add_argument("--encode_chars", "--encode-chars", type=_int, default=20_000_000)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts for batch encoding")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs")
@@ -104,14 +122,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     corpus = args.corpus or _default_corpus()
-    docs = load_docs(corpus, limit_chars=max(args.train_chars, args.encode_chars))
+    limit = max(args.train_chars, args.encode_chars)
+    if corpus == SYNTHETIC:
+        t0 = time.perf_counter()
+        docs, name = synthetic_docs(limit, seed=args.seed), f"synthetic (seed {args.seed})"
+        print(f"generated {sum(map(len, docs)):,} chars of synthetic text in {time.perf_counter() - t0:.2f} s")
+    else:
+        docs, name = load_docs(pathlib.Path(corpus), limit_chars=limit), str(corpus)
     n_unique = sum(map(len, docs))
     results: dict[str, Any] = {
-        "host": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "corpus": {"path": str(corpus), "docs": len(docs), "unique_chars": n_unique},
+        "host": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                 "load_avg_1min": round(os.getloadavg()[0], 2)},
+        "corpus": {"source": name, "docs": len(docs), "unique_chars": n_unique},
     }
-    print(f"host: {results['host']['cpu']}, {os.cpu_count()} cores; corpus {corpus}: "
-          f"{len(docs):,} docs, {n_unique:,} distinct chars (repeated as needed)")
+    print(f"host: {results['host']['cpu']}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; corpus "
+          f"{name}: {len(docs):,} docs, {n_unique:,} distinct chars (repeated as needed)")
 
     train_docs = repeat_to(docs, args.train_chars)
     t0 = time.perf_counter()
