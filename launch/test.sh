@@ -8,7 +8,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# setuptools' build chatter (editable-install notices) goes to a log that is shown only if the install fails
+.venv/bin/python -m pip install --quiet -e '.[test]' > .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

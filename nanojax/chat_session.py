@@ -11,6 +11,7 @@ import sys
 from typing import Iterator
 
 from nanojax.checkpoint import load_model
+from nanojax.console import quiet_library_logs
 from nanojax.engine import Engine
 
 PLACEHOLDER = {"role": "assistant", "content": "…"}  # dropped again by render_for_completion
@@ -24,6 +25,7 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, tokenizer, use_tool=use_tool)
         self.seq_len = int(model.cfg.seq_len)
+        self.finish_reason = None  # of the last reply: "stop" (the model ended it) or "length" (max_tokens ran out)
 
     def prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
         """(prompt ids, number of leading messages dropped to make room for `max_new_tokens`)."""
@@ -51,10 +53,12 @@ class ChatSession:
         ids, _ = self.prompt(messages, max_tokens)
         out: list[int] = []
         shown = ""
+        self.finish_reason = "length"
         for column, _ in self.engine.generate(ids, num_samples=1, max_tokens=max_tokens,
                                               temperature=temperature, top_k=top_k, seed=seed):
             tok = column[0]
             if tok in self.engine.stop_tokens:
+                self.finish_reason = "stop"
                 break
             out.append(tok)
             text = self.tokenizer.decode(out)
@@ -80,6 +84,7 @@ def add_model_arguments(ap) -> None:
 
 def session_from_args(args) -> ChatSession | None:
     """The session for parsed `add_model_arguments`, or None after printing why it cannot be loaded."""
+    quiet_library_logs()
     try:
         return load_session(args.run_dir, args.step)
     except (FileNotFoundError, ValueError) as e:

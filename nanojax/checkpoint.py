@@ -151,11 +151,16 @@ def read_meta(path, step: int | None = None) -> tuple[dict, int]:
 # -- parameters only ---------------------------------------------------------------------------------
 
 
+# One item of a step is read through its handler, not a Checkpointer: a Checkpointer looks for step metadata
+# inside the item's directory (the manager writes it one level up) and warns about it on every load.
 def stored_tree(item_dir):
     """The array metadata tree (shapes, dtypes, shardings) of one saved item, without reading any array."""
-    meta = ocp.StandardCheckpointer().metadata(item_dir)
-    tree = getattr(meta, "item_metadata", meta)
-    return getattr(tree, "tree", tree)
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+    return getattr(meta, "tree", meta)
+
+
+def _restore_item(item_dir, abstract_tree):
+    return ocp.StandardCheckpointHandler().restore(epath.Path(item_dir), args=ocp.args.StandardRestore(abstract_tree))
 
 
 def _shape_mismatches(abstract_params, stored_meta) -> list[str]:
@@ -182,13 +187,12 @@ def load_params(path, abstract_params, step: int | None = None):
             f"checkpoint {params_dir} does not fit this model ({len(problems)} mismatches):\n  "
             + "\n  ".join(problems[:50])
         )
-    params = ocp.StandardCheckpointer().restore(params_dir, target=abstract_params)
-    return params, step
+    return _restore_item(params_dir, abstract_params), step
 
 
 def load_opt_state(path, abstract_opt_state, step: int):
     ckpts, step = resolve_step_dir(path, step)
-    return ocp.StandardCheckpointer().restore(ckpts / str(step) / "opt_state", target=abstract_opt_state)
+    return _restore_item(ckpts / str(step) / "opt_state", abstract_opt_state)
 
 
 def load_model(run_dir_or_ckpt, step: int | None = None, mesh=None):

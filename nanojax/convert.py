@@ -22,6 +22,7 @@ from flax import nnx
 
 from nanojax.checkpoint import Checkpointer, load_model, read_meta
 from nanojax.config import ModelConfig, default_config
+from nanojax.console import quiet_library_logs
 from nanojax.model import GPT
 
 BLOCK_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -149,6 +150,7 @@ def main(argv=None):
     b.add_argument("--step", type=int, default=None)
     b.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    quiet_library_logs()
     if args.cmd == "from-nanochat":
         print(from_nanochat(args.src, args.step, args.out))
     else:

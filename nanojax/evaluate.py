@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from nanojax.buckets import bucket
 from nanojax.checkpoint import load_model, read_meta
-from nanojax.console import log
+from nanojax.console import log, quiet_library_logs
 from nanojax.data import make_iterator
 from nanojax.data.kinds import CONVERSATION_KINDS, canonical_kind
 from nanojax.engine import Engine
@@ -172,11 +172,14 @@ def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=Non
                         num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50, seed=42,
                         desc="generative") -> dict:
     """nanochat's run_generative_eval, batched: `batch_size` problems decode together through the engine;
-    a problem passes when any of its `num_samples` completions passes `task.evaluate`."""
+    a problem passes when any of its `num_samples` completions passes `task.evaluate`. Also counted, from each
+    problem's first completion: replies that ended by themselves (`<|assistant_end|>`, not the token budget)
+    and, for tasks with an answer format (GSM8K's `#### N`), replies in that format: whether a small model has
+    learnt the format, before it gets answers right."""
     engine = engine or Engine(model, tokenizer)
     n = len(task) if max_problems is None else min(len(task), max_problems)
     seq_len = int(model.cfg.seq_len)
-    passed = 0
+    passed = ended = well_formed = 0
     bar = tqdm(total=n, desc=desc, leave=False)
     for i0 in range(0, n, batch_size):
         convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
@@ -187,10 +190,26 @@ def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=Non
             rows = results[j * num_samples:(j + 1) * num_samples]
             completions = [tokenizer.decode(r[len(prompts[j]):]) for r in rows]
             passed += int(any(task.evaluate(conv, c) for c in completions))
+            budget = min(max_new_tokens, seq_len - len(prompts[j]))
+            ended += int(len(rows[0]) - len(prompts[j]) < budget)  # a stop token came before the budget ran out
+            well_formed += int(bool(getattr(task, "well_formed", lambda c: True)(completions[0])))
         bar.update(len(convs))
         bar.set_postfix(acc=f"{passed / (i0 + len(convs)):.3f}")
     bar.close()
-    return {"accuracy": passed / max(1, n), "passed": passed, "total": n}
+    out = {"accuracy": passed / max(1, n), "passed": passed, "total": n, "ended": ended}
+    if getattr(task, "answer_format", None):
+        out["well_formed"] = well_formed
+    return out
+
+
+def format_note(task, r: dict) -> str:
+    """' | 17/20 replies ended with <|assistant_end|>, 15/20 in the '#### N' form' for a generative eval."""
+    if "ended" not in r:
+        return ""
+    note = f" | {r['ended']}/{r['total']} replies ended with <|assistant_end|>"
+    if "well_formed" in r:
+        note += f", {r['well_formed']}/{r['total']} in the {task.answer_format} form"
+    return note
 
 
 def chatcore(results: dict) -> dict | None:
@@ -291,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                                  "(default: train.eval_tokens)")
     ap.add_argument("--out", default=None, help="directory for eval_results.{json,md} (default: the run dir)")
     args = ap.parse_args(argv)
+    quiet_library_logs()
     tasks = parse_tasks(args.tasks) if args.tasks != "auto" else None
     try:
         sources = parse_sources(args.sources)
@@ -329,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                         batch_size=args.batch_size, num_samples=args.num_samples,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                         top_k=args.top_k, desc=DISPLAY[name])
-            log(f"{DISPLAY[name]}: {r['accuracy']:.4f} ({r['passed']}/{r['total']})")
+            log(f"{DISPLAY[name]}: {r['accuracy']:.4f} ({r['passed']}/{r['total']})" + format_note(task, r))
         r["seconds"] = time.time() - t
         results[name] = r
     results["_meta"] = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds"),

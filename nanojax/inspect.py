@@ -11,9 +11,9 @@ import sys
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
 
 from nanojax.checkpoint import read_meta, resolve_step_dir, stored_tree
+from nanojax.console import quiet_library_logs
 from nanojax.model import param_name
 
 
@@ -93,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--step", type=int, default=None, help="default: the latest")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns about per-item metadata files it never wrote
+    quiet_library_logs()
     try:
         info = inspect_checkpoint(args.path, args.step)
     except (FileNotFoundError, ValueError) as e:

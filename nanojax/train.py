@@ -6,7 +6,6 @@ the same command resumes from the run's latest checkpoint, including the data it
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
@@ -18,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -27,8 +25,9 @@ from nanojax import checkpoint as ckpt
 from nanojax import config as cfglib
 from nanojax import paths
 from nanojax import sharding as shd
-from nanojax.console import log
+from nanojax.console import log, quiet_library_logs
 from nanojax.data import make_iterator
+from nanojax.loggers import MetricsLoggers, logger_names
 from nanojax.model import GPT, eval_sums
 from nanojax.optim import build_optimizer, current_lrs, muon_momentum
 from nanojax.tokenizer import load_for_config, tokenizer_dir_for
@@ -240,15 +239,15 @@ def validation_metrics(state: TrainState, params, tokenizer) -> dict:
 
 # -- reporting --------------------------------------------------------------------------------------
 class StepReporter:
-    """The step log and metrics.jsonl. Each step's device metrics are read one step late (`dispatched`), so
-    the host never waits for the device before queuing the next step; `flush` reads the last one. Loss EMA,
-    tokens/s, MFU, ETA and learning rates are computed here; a non-finite loss, gradient or update stops
-    the run before anything is saved."""
+    """The step log and the metrics sinks (metrics.jsonl, TensorBoard, W&B: `nanojax.loggers`). Each step's
+    device metrics are read one step late (`dispatched`), so the host never waits for the device before queuing
+    the next step; `flush` reads the last one. Loss EMA, tokens/s, MFU, ETA and learning rates are computed
+    here; a non-finite loss, gradient or update stops the run before anything is saved."""
 
     def __init__(self, config, derived, log_dir: str, last_good_step):
         self.config, self.derived, self.total = config, derived, derived.num_iterations
         self.last_good_step = last_good_step  # () -> the step of the newest checkpoint, for the error message
-        self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+        self.sinks = MetricsLoggers(log_dir, config, enabled=jax.process_index() == 0)
         self.device_kind = jax.devices()[0].device_kind
         self.pending = None  # (step, device metrics, data wait) not read yet
         self.ema = self.dt_ema = None
@@ -269,9 +268,7 @@ class StepReporter:
             self.pending = None
 
     def write(self, record: dict):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        self.sinks.write(record)
 
     def evaluation(self, step: int, results: dict):
         if results:
@@ -321,8 +318,7 @@ class StepReporter:
             f" (data {data_wait * 1000:.0f} ms) | eta {eta / 60:.1f} min")
 
     def close(self):
-        if self.file:
-            self.file.close()
+        self.sinks.close()
 
 
 class StopFlag:
@@ -363,6 +359,7 @@ def run(config) -> dict:
     setup_jax()
     mesh = shd.make_mesh(config.mesh)
     derived = cfglib.derive(config, mesh.size)
+    logger_names(config.train.loggers)  # a typo fails before anything is built
     run_dir = run_dir_for(config)
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
     log_dir = local_log_dir(run_dir, config)
@@ -431,8 +428,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
-    if not flags.FLAGS["verbosity"].present:  # Orbax/JAX INFO lines would drown the step log
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:  # --verbosity=0 (or NANOJAX_VERBOSE=1) shows the libraries' lines
+        quiet_library_logs()
     try:
         run(flags.FLAGS.config)
     except FloatingPointError as e:
