@@ -94,6 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.init_from_step = -1  # -1: latest
     t.init_optimizer_state = False  # also load the optimizer state from init_from
     t.stop_after_steps = -1  # stop (with a checkpoint) after this many steps of this process; for tests
+    t.loggers = "jsonl"  # metrics sinks: jsonl (metrics.jsonl, always) plus tensorboard and/or wandb; nanojax.loggers
+    t.wandb_project = "nanojax"
 
     c.optim = ml_collections.ConfigDict()
     o = c.optim
