@@ -3,7 +3,7 @@
 #   bash launch/quickstart.sh          # downloads FineWeb-Edu shard 0 + the validation shard, and GSM8K
 #   bash launch/quickstart.sh --text FILE.parquet --gsm8k DIR    # offline: any parquet file with a `text`
 #                                      # column, and a folder with GSM8K's train.jsonl / test.jsonl
-# BASE_STEPS (default 200) and SFT_STEPS (default 60) shorten or lengthen the two training runs.
+# BASE_STEPS (default 150) and SFT_STEPS (default 100) shorten or lengthen the two training runs.
 # Extra arguments after `--` go to the base trainer, e.g. `-- --config.train.eval_every=25`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +19,17 @@ while [ $# -gt 0 ]; do
   esac
 done
 PY=${PYTHON:-python3}
+started=$SECONDS
+offline_hint() {  # after a step that downloads failed
+  echo "error: getting $1 failed (the message above says why). Without network, run the offline form:" >&2
+  echo "  bash launch/quickstart.sh --text FILE.parquet --gsm8k DIR" >&2
+  echo "(FILE.parquet: any parquet file with a 'text' column, >= 20 documents; DIR: GSM8K's train.jsonl and" >&2
+  echo " test.jsonl, or its Hugging Face parquet files)" >&2
+  exit 1
+}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet -e .
+# setuptools' build chatter goes to a log that is shown only if the install fails
+.venv/bin/python -m pip install --quiet -e . > .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
 py=.venv/bin/python
 home=${NANOJAX_HOME:-$HOME/.cache/nanojax}
 data="$home/data/fineweb"
@@ -45,7 +54,7 @@ pq.write_table(table.slice(n - cut), out / "shard_01822.parquet", row_group_size
 print(f"{src}: {n - cut} training and {cut} validation documents in {out}")
 PYEOF
 else
-  "$py" -m nanojax.data.fineweb download -n 1
+  "$py" -m nanojax.data.fineweb download -n 1 || offline_hint "FineWeb-Edu (shard 0 and the validation shard)"
 fi
 
 echo "== 2/7 tokenizer (8,192 tokens)"
@@ -56,7 +65,7 @@ fi
 
 echo "== 3/7 base model (configs/tiny.py; re-running resumes)"
 "$py" -m nanojax.train --config=configs/tiny.py --config.data.path="$data" --config.data.tokenizer_dir="$tok" \
-  --config.train.num_iterations="${BASE_STEPS:-200}" ${train_args[@]+"${train_args[@]}"}
+  --config.train.num_iterations="${BASE_STEPS:-150}" ${train_args[@]+"${train_args[@]}"}
 "$py" -m nanojax.inspect "$home/runs/tiny"
 
 echo "== 4/7 base model evaluation (bits per byte on the validation shard)"
@@ -66,15 +75,20 @@ echo "== 5/7 SFT on GSM8K conversations (configs/tiny_sft.py, straight from the 
 sources=()
 [ -n "$gsm8k" ] && sources=(--config.data.task_sources="gsm8k=$gsm8k")
 "$py" -m nanojax.train --config=configs/tiny_sft.py --config.train.init_from="$home/runs/tiny" \
-  --config.data.tokenizer_dir="$tok" --config.train.num_iterations="${SFT_STEPS:-60}" \
-  --config.train.eval_every=0 ${sources[@]+"${sources[@]}"}
-
+  --config.data.tokenizer_dir="$tok" --config.train.num_iterations="${SFT_STEPS:-100}" \
+  --config.train.eval_every=0 ${sources[@]+"${sources[@]}"} || { [ -n "$gsm8k" ] && exit 1; offline_hint GSM8K; }
+"$py" - "$home/runs/tiny_chat/metrics.jsonl" <<'PYEOF'
+import json, sys
+losses = [r["loss"] for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
+print(f"SFT loss on assistant tokens: {losses[0]:.3f} at the first step -> {losses[-1]:.3f} at step {len(losses)}")
+PYEOF
 echo "== 6/7 chat model evaluation (GSM8K, 20 problems, calculator on)"
 eval_sources=()
 [ -n "$gsm8k" ] && eval_sources=(--sources "gsm8k=$gsm8k")
 "$py" -m nanojax.evaluate "$home/runs/tiny_chat" --tasks=gsm8k --max-per-task=20 --max-new-tokens=128 \
-  ${eval_sources[@]+"${eval_sources[@]}"}
+  ${eval_sources[@]+"${eval_sources[@]}"} || { [ -n "$gsm8k" ] && exit 1; offline_hint GSM8K; }
 
-echo "== 7/7 chat (a tiny model on a CPU: expect fluent-looking nonsense)"
+echo "== 7/7 chat (a 7M-parameter model after minutes on a CPU: expect the assistant format, not right answers)"
 "$py" -m nanojax.chat_cli "$home/runs/tiny_chat" -p "What is 12 times 7?" --max-tokens 64
-echo "done: runs in $home/runs; report card: python -m nanojax.report $home/runs/tiny $home/runs/tiny_chat"
+echo "done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s: runs in $home/runs;" \
+  "report card: python -m nanojax.report $home/runs/tiny $home/runs/tiny_chat"

@@ -64,6 +64,10 @@ def main(argv=None) -> int:
                 reply.append(piece)
                 print(piece, end="", flush=True)
             print()
+            if session.finish_reason == "length":
+                print(f"(reply cut at --max-tokens {args.max_tokens})")
+            elif not interactive:
+                print("(the model ended its reply with <|assistant_end|>)")
         except ValueError as e:
             messages.pop()
             print(f"error: {e}", file=sys.stderr)

@@ -66,6 +66,7 @@ def test_stream_equals_greedy_engine_output(model, tokenizer):
             break
         tokens.append(column[0])
     assert text == tokenizer.decode(tokens)
+    assert session.finish_reason == ("stop" if len(tokens) < 12 else "length")
 
 
 def test_web_api_streams_and_validates(model, tokenizer):
@@ -105,5 +106,7 @@ def test_cli_single_prompt(model, tokenizer, tmp_path, capsys):
             {"step": 1, "config": config.to_dict(), "tokenizer_dir": str(tok_dir)}, force=True)
     ck.close()
     assert chat_cli.main([str(tmp_path / "run"), "-p", "hello there", "--temperature", "0", "--max-tokens", "6"]) == 0
-    assert "Assistant: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Assistant: " in out
+    assert ("(reply cut at --max-tokens 6)" in out) != ("ended its reply with <|assistant_end|>" in out)
     assert chat_cli.main([str(tmp_path / "missing"), "-p", "x"]) == 2

@@ -261,8 +261,41 @@ def test_generative_eval_batched_equals_one_at_a_time(tok, model):
     a, b = EchoTask(5), EchoTask(5)
     ra = ev.evaluate_generative(model, tok, a, batch_size=3, max_new_tokens=6)
     rb = ev.evaluate_generative(model, tok, b, batch_size=1, max_new_tokens=6)
-    assert ra == rb == {"accuracy": 3 / 5, "passed": 3, "total": 5}
+    assert ra == rb and {k: ra[k] for k in ("accuracy", "passed", "total")} == {"accuracy": 3 / 5, "passed": 3,
+                                                                                 "total": 5}
     assert a.completions == b.completions
+
+
+class ScriptedEngine:
+    """generate_batch returns fixed replies: (text, stopped) per problem; a reply that did not stop is padded
+    to the token budget, as the engine's are."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies = tok, replies
+
+    def generate_batch(self, prompts, num_samples=1, max_tokens=None, **kwargs):
+        out = []
+        for p in prompts:
+            text, stopped = self.replies[len(out)]
+            ids = self.tok.encode(text)
+            out.append(list(p) + (ids if stopped else (ids + [32] * max_tokens)[:max_tokens]))
+        del self.replies[:len(out)]
+        return out, None
+
+
+def test_generative_eval_counts_replies_that_end_and_keep_the_answer_format(tok, model):
+    from nanojax.tasks.gsm8k import GSM8K
+
+    class Format(EchoTask):
+        answer_format = GSM8K.answer_format
+        well_formed = GSM8K.well_formed
+
+    replies = [("so #### 4", True), ("no answer", True), ("#### 12 and more", False), ("rambling", False)]
+    r = ev.evaluate_generative(model, tok, Format(4), engine=ScriptedEngine(tok, list(replies)), batch_size=2,
+                               max_new_tokens=20)
+    assert (r["ended"], r["well_formed"], r["total"]) == (2, 2, 4)
+    assert ev.format_note(Format(4), r) == " | 2/4 replies ended with <|assistant_end|>, 2/4 in the '#### N' form"
+    assert "well_formed" not in ev.evaluate_generative(model, tok, EchoTask(2), max_new_tokens=4)
 
 
 def test_chatcore_and_markdown():

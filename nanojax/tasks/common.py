@@ -145,6 +145,7 @@ class DatasetTask(Task):
     subsets: Sequence[str] = ()  # its subsets, the default first; () when it has none
     default_split: str = "test"
     eval_type: str = "generative"  # or "categorical": argmax over the conversation's `letters`
+    answer_format: str | None = None  # how a reply states its answer (GSM8K: "'#### N'"), if the task fixes one
 
     def __init__(self, split: str | None = None, subset: str | None = None, *,
                  source: str | os.PathLike | None = None, shuffle_seed: int | None = 42,
@@ -168,6 +169,10 @@ class DatasetTask(Task):
                 except BadRowError:
                     self.num_skipped += 1
             self.index = np.asarray(good, dtype=np.int64)
+
+    def well_formed(self, completion: str) -> bool:
+        """Whether a reply states its answer in `answer_format` (right or wrong); True when there is none."""
+        return True
 
     def check_split(self, split: str, subset: str | None) -> None:
         """ValueError naming the task and the valid choices for a split or subset it does not have."""

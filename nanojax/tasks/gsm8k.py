@@ -40,6 +40,7 @@ class GSM8K(DatasetTask):
     columns = ("question", "answer")
     splits = ("train", "test")
     subsets = ("main", "socratic")
+    answer_format = "'#### N'"
 
     def make_conversation(self, row) -> dict:
         question, answer = row["question"], row["answer"]
@@ -54,3 +55,6 @@ class GSM8K(DatasetTask):
         ref = extract_answer(ref_text)
         pred = extract_answer(completion)
         return pred is not None and pred == ref
+
+    def well_formed(self, completion: str) -> bool:
+        return extract_answer(completion) is not None
