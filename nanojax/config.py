@@ -6,6 +6,7 @@ Every tool takes `--config=configs/X.py` (a file whose `get_config()` returns a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import pathlib
@@ -212,7 +213,7 @@ class ModelConfig:
         width = aspect_ratio·depth, heads of head_dim, ceil(width / head_dim) of them, no grouping."""
         if isinstance(m, ModelConfig):
             return m
-        values = default_config().model.to_dict()
+        values = _model_defaults()
         given = m.to_dict() if isinstance(m, ml_collections.ConfigDict) else dict(m)
         unknown = sorted(set(given) - set(values))
         if unknown:
@@ -243,6 +244,16 @@ class ModelConfig:
         """nanochat's estimate: 6·(params − embedding) + 12·L·H·E·T (attention scores and values)."""
         total, embedding = self.param_counts()
         return 6 * (total - embedding) + 12 * self.depth * self.n_head * self.head_dim * self.seq_len
+
+
+@functools.lru_cache(maxsize=1)
+def _model_default_items() -> tuple:
+    return tuple(default_config().model.to_dict().items())
+
+
+def _model_defaults() -> dict:
+    """config.model's defaults, built once: `ModelConfig.of` runs on every logged step (the LR readout)."""
+    return dict(_model_default_items())
 
 
 def fill_model_sizes(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -132,7 +132,6 @@ def evaluate_bpb(model, tokenizer, config, *, tokens: int | None = None, batch_r
 
 
 # ----------------------------------------------------------------------------------- chat evals
-make_task = eval_task  # (name, sources) -> the task on its eval split; benchmarks/generation.py calls it
 
 
 def evaluate_categorical(model, tokenizer, task, *, max_problems=None, batch_size=8, desc="categorical") -> dict:
@@ -338,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             r = evaluate_bpb(model, tokenizer, config, tokens=args.bpb_tokens)
             log(f"val bpb {r['bpb']:.4f}")
         else:
-            task = make_task(name, sources)
+            task = eval_task(name, sources)
             if task.eval_type == "categorical":
                 r = evaluate_categorical(model, tokenizer, task, max_problems=max_problems,
                                          batch_size=args.batch_size, desc=DISPLAY[name])

@@ -14,6 +14,7 @@ The page goes to `--out` (default: RUN/report.md of the last run); plots sit nex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -24,7 +25,6 @@ import sys
 from typing import Sequence
 
 import jax
-import ml_collections
 
 from nanojax import config as cfglib
 from nanojax.checkpoint import read_meta
@@ -102,10 +102,10 @@ def run_summary(run_dir: pathlib.Path) -> dict:
     s["stage"] = stage(cfg.get("data", {}).get("kind"))
     s["init_from"] = cfg.get("train", {}).get("init_from") or None
     if cfg.get("model"):
-        m = cfglib.fill_model_sizes(ml_collections.ConfigDict(cfg["model"]))
-        s["num_params"], s["num_embedding_params"] = cfglib.count_params(m)
-        s["flops_per_token"] = cfglib.flops_per_token(m)
-        s["model"] = m.to_dict()
+        m = cfglib.ModelConfig.of(cfg["model"])
+        s["num_params"], s["num_embedding_params"] = m.param_counts()
+        s["flops_per_token"] = m.flops_per_token()
+        s["model"] = dataclasses.asdict(m)
     tb = cfg.get("train", {}).get("total_batch_size")
     if train:
         s["steps"] = train[-1]["step"]

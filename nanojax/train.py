@@ -210,8 +210,8 @@ def validation_metrics(state: TrainState, params, tokenizer) -> dict:
     steps = max(1, config.train.eval_tokens // (rows * config.model.seq_len))
     it = make_iterator(config, split="val", batch_size=local_rows, process_index=jax.process_index(),
                        process_count=jax.process_count(), tokenizer=tokenizer)
-    token_bytes = np.asarray(tokenizer.token_bytes if tokenizer is not None else
-                             np.zeros(config.model.vocab_size), np.int32)
+    token_bytes = jnp.asarray(tokenizer.token_bytes if tokenizer is not None else
+                              np.zeros(config.model.vocab_size), jnp.int32)  # on the device once per evaluation
     totals = None
     try:
         for _ in range(steps):
@@ -224,7 +224,7 @@ def validation_metrics(state: TrainState, params, tokenizer) -> dict:
                 shape = (local_rows, config.model.seq_len)
                 local = {"inputs": np.zeros(shape, np.int32), "targets": np.full(shape, -1, np.int32)}
             batch = global_batch(local, state.eval_sharding, 0, rows)
-            out = state.eval_step(params, batch["inputs"], batch["targets"], jnp.asarray(token_bytes))
+            out = state.eval_step(params, batch["inputs"], batch["targets"], token_bytes)
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     finally:
         it.close()

@@ -35,6 +35,7 @@ from nanojax import evaluate as ev
 from nanojax.config import default_config
 from nanojax.engine import Engine, generate_naive
 from nanojax.model import GPT
+from nanojax.tasks.registry import eval_task
 from nanojax.tokenizer import Tokenizer
 
 
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def eval_timing(args) -> dict:
     sources = dict(item.split("=", 1) for item in args.eval_timing.split(",") if item)
-    tasks = {name: ev.make_task(name, sources) for name in sources}
+    tasks = {name: eval_task(name, sources) for name in sources}
     texts = []
     for task in tasks.values():
         for i in range(len(task)):

@@ -168,7 +168,7 @@ def shards_needed(tokens: float, chars_per_token: float = CHARS_PER_TOKEN) -> in
 def config_tokens(config_path: str) -> int:
     """Training tokens of a config file (`get_config()`): iterations x total_batch_size, as config.derive."""
     c = cfglib.load_config_file(config_path)
-    total, _ = cfglib.count_params(cfglib.fill_model_sizes(c.model))
+    total, _ = cfglib.count_params(c.model)
     t = c.train
     iters = t.num_iterations
     if iters <= 0:
