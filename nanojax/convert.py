@@ -1,7 +1,9 @@
-"""nanochat (PyTorch) checkpoints <-> nanojax runs.
+"""nanochat (PyTorch) checkpoints and Hugging Face models <-> nanojax runs.
 
     python -m nanojax.convert from-nanochat SRC_DIR --step N --out RUN_DIR
     python -m nanojax.convert to-nanochat RUN_DIR [--step N] --out DST_DIR
+    python -m nanojax.convert to-hf RUN_DIR [--step N] [--tokenizer DIR] --out DST_DIR   (nanojax.hf)
+    python -m nanojax.convert from-hf SRC_DIR --out RUN_DIR
 
 nanochat writes `model_{N:06d}.pt` (state dict, torch (out, in) Linear layout) and `meta_{N:06d}.json`
 (`model_config`: sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd). The mapping is a rename,
@@ -20,10 +22,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from nanojax import hf
 from nanojax.checkpoint import Checkpointer, load_model, read_meta
 from nanojax.config import ModelConfig, default_config
 from nanojax.console import quiet_library_logs
 from nanojax.model import GPT
+from nanojax.tokenizer import load_for_config
 
 BLOCK_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -94,6 +98,27 @@ def _torch():
     return torch
 
 
+def write_run(out_dir: str, config, state_dict: dict[str, np.ndarray], step: int, source: dict,
+              tokenizer=None) -> str:
+    """A nanojax run directory (Orbax checkpoint at `step`, parameters only) from a nanochat-named state dict;
+    a given tokenizer is saved beside it (`<out_dir>/tokenizer`) and recorded as the run's."""
+    with config.unlocked():
+        config.run_name = pathlib.Path(out_dir).name
+        config.run_dir = str(out_dir)
+        if tokenizer is not None:
+            config.data.tokenizer_dir = str(tokenizer.save(pathlib.Path(out_dir) / "tokenizer"))
+    pure = nanochat_to_params(state_dict, config.model.depth)
+    model = fill_state(GPT(config.model, rngs=nnx.Rngs(0)), pure)
+    params = nnx.state(model, nnx.Param)
+    ckptr = Checkpointer(out_dir, max_to_keep=1, async_save=False)
+    ckptr.save(step, params, None, None, {
+        "step": step, "config": config.to_dict(), "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "init_from": source, "tokenizer_dir": config.data.tokenizer_dir or None,
+    }, force=True)
+    ckptr.close()
+    return str(out_dir)
+
+
 def from_nanochat(src_dir: str, step: int, out_dir: str) -> str:
     """Write a nanojax run directory (Orbax checkpoint at `step`, parameters only) from nanochat files."""
     torch = _torch()
@@ -104,21 +129,26 @@ def from_nanochat(src_dir: str, step: int, out_dir: str) -> str:
             raise FileNotFoundError(f"{p} not found (nanochat writes model_{{step:06d}}.pt and meta_{{step:06d}}.json)")
     meta = json.loads(meta_path.read_text())
     config = model_config_from_nanochat(meta["model_config"])
-    with config.unlocked():
-        config.run_name = pathlib.Path(out_dir).name
-        config.run_dir = str(out_dir)
     sd = torch.load(model_path, map_location="cpu", weights_only=True)
     sd = {k: v.float().numpy() for k, v in sd.items()}
-    pure = nanochat_to_params(sd, config.model.depth)
-    model = fill_state(GPT(config.model, rngs=nnx.Rngs(0)), pure)
-    params = nnx.state(model, nnx.Param)
-    ckptr = Checkpointer(out_dir, max_to_keep=1, async_save=False)
-    ckptr.save(step, params, None, None, {
-        "step": step, "config": config.to_dict(), "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "init_from": {"path": str(src), "step": step, "format": "nanochat"}, "tokenizer_dir": None,
-    }, force=True)
-    ckptr.close()
-    return str(out_dir)
+    return write_run(out_dir, config, sd, step, {"path": str(src), "step": step, "format": "nanochat"})
+
+
+def to_hf(run_dir: str, step: int | None, out_dir: str, tokenizer_dir: str | None = None) -> str:
+    """A Hugging Face NanoChat directory (nanojax.hf) from a run; its tokenizer is the run's unless given."""
+    _, step = read_meta(run_dir, step)
+    model, tokenizer, config = load_model(run_dir, step)
+    if tokenizer_dir:
+        tokenizer = load_for_config(config, tokenizer_dir)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{run_dir} does not record a tokenizer that exists here: pass --tokenizer DIR")
+    sd = hf.nanochat_to_hf_names(params_to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    return str(hf.write_export(out_dir, ModelConfig.of(config.model), sd, tokenizer))
+
+
+def from_hf(src_dir: str, out_dir: str) -> str:
+    config, sd, tokenizer = hf.read_export(src_dir)
+    return write_run(out_dir, config, sd, 0, {"path": str(src_dir), "format": "huggingface"}, tokenizer)
 
 
 def to_nanochat(run_dir: str, step: int | None, out_dir: str) -> str:
@@ -149,12 +179,27 @@ def main(argv=None):
     b.add_argument("run_dir")
     b.add_argument("--step", type=int, default=None)
     b.add_argument("--out", required=True)
+    c = sub.add_parser("to-hf", help="nanojax run dir -> Hugging Face NanoChat dir (transformers >= 5)")
+    c.add_argument("run_dir")
+    c.add_argument("--step", type=int, default=None)
+    c.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run records)")
+    c.add_argument("--out", required=True)
+    d = sub.add_parser("from-hf", help="Hugging Face NanoChat dir -> nanojax run dir (with its tokenizer)")
+    d.add_argument("src")
+    d.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     quiet_library_logs()
-    if args.cmd == "from-nanochat":
-        print(from_nanochat(args.src, args.step, args.out))
-    else:
-        print(to_nanochat(args.run_dir, args.step, args.out))
+    try:
+        if args.cmd == "from-nanochat":
+            print(from_nanochat(args.src, args.step, args.out))
+        elif args.cmd == "to-nanochat":
+            print(to_nanochat(args.run_dir, args.step, args.out))
+        elif args.cmd == "to-hf":
+            print(to_hf(args.run_dir, args.step, args.out, args.tokenizer))
+        else:
+            print(from_hf(args.src, args.out))
+    except (FileNotFoundError, ValueError) as e:
+        ap.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":
