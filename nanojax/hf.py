@@ -9,7 +9,7 @@ run's BPE as a `tokenizers` byte-level BPE: same split pattern; merges in rank o
 merges) and `tokenizer_config.json` with a chat template that renders as `Tokenizer.render_conversation`.
 Writing one needs `safetensors` and `tokenizers` only (`pip install -e '.[hf]'`); loading it needs torch.
 
-Where the two differ (both tested): transformers splits `<|user_end|>` written inside a message into the
+Known differences: transformers splits `<|user_end|>` written inside a message into the
 special token, nanojax encodes it as text; two consecutive text parts of one assistant message are
 encoded separately by nanojax and as one string by the template.
 """
