@@ -132,7 +132,9 @@ def _decode(graphdef, params, tokens_B, cache: KVCache, key, step, temperature, 
 
 
 # ---------------------------------------------------------------------------------------------------
-class _Row:
+class ToolRow:
+    """One row's calculator state: tokens to force next, and the expression being written."""
+
     __slots__ = ("forced", "in_python", "expr", "done")
 
     def __init__(self):
@@ -189,7 +191,7 @@ class Engine:
         next_ids, _, cache = _prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(lengths),
                                       key, 0, temp, cache_len=cache_len,
                                       repeat=num_samples, top_k=top_k, greedy=greedy)
-        rows = [_Row() for _ in range(len(prompts) * num_samples)]
+        rows = [ToolRow() for _ in range(len(prompts) * num_samples)]
         # Pipelined: a row's next input is its forced token (known on the host before this step's sample is)
         # or its sample (still on the device), so step s+1 is dispatched before step s's tokens are read
         # back; the host's bookkeeping then overlaps the device's work. The last dispatch may go unused.
@@ -212,13 +214,14 @@ class Engine:
                 masks.append(0 if forced else 1)
                 if tok in self.stop_tokens:
                     row.done = True
-                self._tool(row, tok)
+                self.tool(row, tok)
             yield column, masks
             if all(r.done for r in rows) or step + 1 == budget:
                 return
             next_ids, _, cache = following
 
-    def _tool(self, row: _Row, tok: int) -> None:
+    def tool(self, row: ToolRow, tok: int) -> None:
+        """After `tok` joined the row: collect a calculator call, and on its end queue the forced reply."""
         if not self.use_tool:
             return
         if tok == self.python_start:
