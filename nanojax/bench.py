@@ -5,13 +5,14 @@ Subjects:
   data        pretraining pipeline tokens/s per host                    (nanojax.benchmarks.data)
   tokenizer   BPE training time and encode throughput                   (nanojax.benchmarks.tokenizer)
   generation  KV-cache decode tokens/s vs. recomputation                (nanojax.benchmarks.generation)
+  serve       OpenAI server tokens/s at 1, 4, 16 concurrent streams      (nanojax.benchmarks.serve)
 """
 import importlib
 import sys
 
 from absl import app
 
-SUBJECTS = ("train", "data", "tokenizer", "generation")
+SUBJECTS = ("train", "data", "tokenizer", "generation", "serve")
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ import pathlib
 import queue
 import secrets
 import sys
+import threading
 import time
 from typing import Literal, Union
 
@@ -307,6 +308,31 @@ async def sse_chunks(stream, common: dict, kind: str, body: Sampling, prompt_len
     if (body.stream_options or {}).get("include_usage"):
         yield {"data": json.dumps({**common, "object": obj, "choices": [], "usage": usage(prompt_len, used)})}
     yield {"data": "[DONE]"}
+
+
+class ServerThread:
+    """uvicorn serving `app` on a thread at 127.0.0.1 (a free port unless given): tests and `bench serve`."""
+
+    def __init__(self, app, port: int = 0):
+        import socket
+
+        if not port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on 127.0.0.1:{port}")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def main(argv=None):

@@ -2,8 +2,6 @@
 concurrent streams, disconnects, the official `openai` client, and a bounded fuzz."""
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 
 import jax
@@ -24,31 +22,6 @@ TEXT = ["the cat sat on the mat and the dog ran after the cat", "one two three f
         "to be or not to be that is the question"] * 30
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn on a thread, on a free loopback port; stopped at teardown."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def stack():
     tok = Tokenizer.train(TEXT, 300)
@@ -60,8 +33,8 @@ def stack():
     keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(state))))
     nnx.update(model, jax.tree.map(lambda p: 0.5 * jax.random.normal(next(keys), p.shape, p.dtype), state))
     batcher = Batcher(model, tok, slots=16, use_tool=False)
-    server = Server(serve.create_app(batcher, tok, "micro-chat"))
-    keyed = Server(serve.create_app(batcher, tok, "micro-chat", api_key="sesame"))
+    server = serve.ServerThread(serve.create_app(batcher, tok, "micro-chat"))
+    keyed = serve.ServerThread(serve.create_app(batcher, tok, "micro-chat", api_key="sesame"))
     yield {"model": model, "tok": tok, "batcher": batcher, "url": server.url, "keyed": keyed.url}
     server.stop()
     keyed.stop()
