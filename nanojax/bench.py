@@ -6,13 +6,14 @@ Subjects:
   tokenizer   BPE training time and encode throughput                   (nanojax.benchmarks.tokenizer)
   generation  KV-cache decode tokens/s vs. recomputation                (nanojax.benchmarks.generation)
   serve       OpenAI server tokens/s at 1, 4, 16 concurrent streams      (nanojax.benchmarks.serve)
+  plan        predicted step time / MFU / memory on a TPU slice or GPU cluster (--config=… --target=v6e-256)
 """
 import importlib
 import sys
 
 from absl import app
 
-SUBJECTS = ("train", "data", "tokenizer", "generation", "serve")
+SUBJECTS = ("train", "data", "tokenizer", "generation", "serve", "plan")
 
 
 def main() -> int:
@@ -22,7 +23,7 @@ def main() -> int:
     subject = sys.argv[1]
     sys.argv = [f"nanojax.bench {subject}", *sys.argv[2:]]
     module = importlib.import_module(f"nanojax.benchmarks.{subject}")
-    if subject == "train":
+    if subject in ("train", "plan"):  # absl flags (--config=… --config.a.b=v)
         app.run(module.main)
         return 0
     result = module.main(sys.argv[1:])

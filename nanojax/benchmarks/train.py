@@ -42,7 +42,8 @@ def machine() -> str:
     return f"{jax.device_count()}× {dev.device_kind}"
 
 
-def _peak_bytes(compiled):
+def peak_bytes(compiled):
+    """XLA's per-device figure: arguments + temporaries + outputs, less what is aliased (donated)."""
     mem = compiled.memory_analysis()
     if mem is None:
         return None
@@ -66,7 +67,7 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
                 "mesh": dict(mesh.shape), "tokens_per_step": config.train.total_batch_size,
                 "grad_accum": derived.grad_accum_steps, "compute_dtype": str(state.model_dtype),
                 "compile_s": time.time() - t0, "step_s": None, "tokens_per_s": None, "mfu": None,
-                "peak_bytes_per_device": _peak_bytes(compiled), "loss": None, "machine": machine()}
+                "peak_bytes_per_device": peak_bytes(compiled), "loss": None, "machine": machine()}
     params = state.init_params()
     opt = state.init_opt_state(params)
     it = SyntheticIterator(batch_size=derived.global_micro_batch, seq_len=config.model.seq_len,
@@ -77,7 +78,7 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
     lowered = state.train_step.lower(params, opt, batch)
     compiled = lowered.compile()
     compile_s = time.time() - t0
-    peak_bytes = _peak_bytes(compiled)
+    peak = peak_bytes(compiled)
     params, opt, m = compiled(params, opt, batch)  # warm-up
     jax.block_until_ready(m)
     t0 = time.time()
@@ -92,7 +93,7 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
         "grad_accum": derived.grad_accum_steps, "compute_dtype": str(state.model_dtype),
         "compile_s": compile_s, "step_s": dt, "tokens_per_s": tok_s,
         "mfu": derived.mfu(tok_s, jax.devices()[0].device_kind),
-        "peak_bytes_per_device": peak_bytes, "loss": float(m["loss"]), "machine": machine(),
+        "peak_bytes_per_device": peak, "loss": float(m["loss"]), "machine": machine(),
     }
 
 
