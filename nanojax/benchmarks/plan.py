@@ -49,11 +49,11 @@ _CHILD = "NANOJAX_PLAN_CHILD"
 
 
 # -- compiling for the target --------------------------------------------------------------------------
-def planned_config(config, devices: int, mesh: str, device_batch: int, remat: str):
-    """The config as it would run on the target: bf16, the given mesh/remat, a device batch that divides."""
+def planned_config(config, devices: int, mesh: str, device_batch: int, remat: str, dtype: str = "bfloat16"):
+    """The config as it would run on the target: its dtype, the given mesh/remat, a device batch that divides."""
     c = config.copy_and_resolve_references()
     with c.unlocked():
-        c.model.compute_dtype, c.model.remat, c.data.kind = "bfloat16", remat, "synthetic"
+        c.model.compute_dtype, c.model.remat, c.data.kind = dtype, remat, "synthetic"
         c.mesh.num_devices = devices
         if mesh:
             sizes = dict(kv.split("=") for kv in mesh.split(","))
@@ -127,8 +127,8 @@ def roofline(costs: hlo.ProgramCosts, chip: chips.Chip, derived, config, memory_
 
 
 def measured_cpu_chip(size: int = 2048) -> chips.Chip:
-    """This machine as a 'chip': peak = a bf16 matmul's FLOP/s, memory bandwidth = an array copy's."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jax.numpy.bfloat16)
+    """This machine as a 'chip': peak = a float32 matmul's FLOP/s (CPU runs float32), bandwidth = an array copy's."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jax.numpy.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
     t = time.perf_counter()
@@ -154,7 +154,8 @@ def plan_one(config, target_spec: str, mesh: str, device_batch: int, remat: str,
     if len(devices) < target.count:
         raise ValueError(f"{target.count} devices needed, {len(devices)} here: run through `bench plan` (it sets "
                          f"--xla_force_host_platform_device_count)")
-    c = planned_config(config, target.count, mesh, device_batch, remat)
+    dtype = "float32" if target_spec == "cpu" else "bfloat16"  # what each computes in
+    c = planned_config(config, target.count, mesh, device_batch, remat, dtype)
     compiled, derived, mesh_obj, compile_s = compile_step(c, devices)
     costs = hlo.program_costs(compiled.as_text(), target.count)
     result = {"config": config.run_name, "target": target.name, "chip": target.chip.name, "devices": target.count,
@@ -163,8 +164,6 @@ def plan_one(config, target_spec: str, mesh: str, device_batch: int, remat: str,
               "tokens_per_step": c.train.total_batch_size, "compile_s": round(compile_s, 1),
               **roofline(costs, target.chip, derived, c, peak_bytes(compiled))}
     if measure:
-        with c.unlocked():
-            c.model.compute_dtype = "auto"
         result["measured_step_s"] = benchmark(c, steps=3)["step_s"]
     return result
 
