@@ -317,10 +317,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"--sources: {e}") from None
 
     t0 = time.time()
-    model, tokenizer, config = load_model(args.run, args.step)
-    if tokenizer is None:  # the checkpoint names none, or it is not on this machine
-        tokenizer = load_for_config(config, args.tokenizer_dir or tokenizer_dir_for(config))
-    _, step = read_meta(args.run, args.step)
+    try:
+        model, tokenizer, config = load_model(args.run, args.step)
+        if tokenizer is None:  # the checkpoint names none, or it is not on this machine
+            tokenizer = load_for_config(config, args.tokenizer_dir or tokenizer_dir_for(config))
+        _, step = read_meta(args.run, args.step)
+    except (FileNotFoundError, ValueError) as e:  # a missing or damaged checkpoint, a missing tokenizer
+        ap.exit(2, f"error: {e}\n")
     if tasks is None:
         tasks = list(CHAT_TASKS if canonical_kind(config.data.kind) in CONVERSATION_KINDS else BASE_TASKS)
     log(f"loaded {args.run} step {step} in {time.time() - t0:.1f}s; tasks: {', '.join(tasks)}")

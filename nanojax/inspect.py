@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from nanojax.checkpoint import read_meta, resolve_step_dir, stored_tree
+from nanojax.checkpoint import is_committed, read_meta, resolve_step_dir, stored_tree
 from nanojax.console import quiet_library_logs
 from nanojax.model import param_name
 
@@ -42,7 +42,7 @@ def inspect_checkpoint(path, step: int | None = None) -> dict:
     params = _leaves(stored_tree(step_dir / "params"))
     opt = _leaves(stored_tree(step_dir / "opt_state")) if (step_dir / "opt_state").exists() else []
     data_files = sorted(p.name for p in (step_dir / "data").glob("*.json")) if (step_dir / "data").exists() else []
-    all_steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    all_steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and is_committed(p))
     return {
         "path": str(step_dir), "step": step, "all_steps": all_steps,
         "num_params": sum(p["size"] for p in params), "param_bytes": sum(p["bytes"] for p in params),
