@@ -157,7 +157,7 @@ def test_state_from_another_pipeline_is_refused(corpus):
     it = pretrain.make_pretrain_iterator(files, tok, batch_size=2, seq_len=16, seed=1)
     _take(it, 3)
     state = it.get_state()
-    for kw, field in ((dict(seed=2), "data"), (dict(seq_len=8), "batch"), (dict(process_count=2), "process")):
+    for kw, field in ((dict(seed=2), "data"), (dict(seq_len=8), "seq_len")):  # other process counts resume (layout)
         args = {"batch_size": 2, "seq_len": 16, "seed": 1, **kw}
         other = pretrain.make_pretrain_iterator(files, tok, **args)
         with pytest.raises(ValueError, match=f"different pipeline \\({field}: saved"):

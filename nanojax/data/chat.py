@@ -4,7 +4,9 @@ Both read a task mixture (`data.train_tasks` / `data.val_tasks`, e.g. "smoltalk:
 gsm8k/main:train"; syntax in `nanojax.tasks.registry.parse_mixture`), shuffled once as nanochat's TaskMixture
 (seed `data.mixture_seed`=42), render each conversation with `Tokenizer.render_conversation` and give
 {"inputs", "targets"} int32 arrays of (this process's rows, T). Process p of P takes conversations p, p+P,
-p+2P, ... of the mixture (nanochat's `range(rank, len, world)`): no overlap, nothing skipped.
+p+2P, ... of the mixture (nanochat's `range(rank, len, world)`): no overlap, nothing skipped. Strictly, that
+is data stream s of S, S = the process count of the run's start (`nanojax.data.layout`): a resume on another
+process count reads the same streams (several per process, or one shared by several processes).
 
 SFT (nanochat launch `chat_sft.py`): each row is one conversation, cut to seq_len + 1 tokens (counted in
 `stats["truncated"]`); inputs = ids[:-1], targets = ids[1:] with −1 wherever mask[1:] == 0 (user turns, tool
@@ -24,11 +26,15 @@ inputs = stream[:-1], targets = stream[1:] reshaped to (rows, T): no mask, every
 included), conversations may span rows and batches. Both splits wrap around (train: a second epoch if
 num_iterations asks for more).
 
-Resume is exact: `get_state()` is a small JSON dict (the stream position; for mid also the conversation
-at the head of the token buffer and the offset into it), valid for the last batch returned; `set_state`
-on a fresh iterator continues with the very next batch. A background thread keeps `data.prefetch` batches
-ready (rendering releases the GIL inside tiktoken); contents never depend on it. Plain Python rather than
-Grain: the state is two integers and rendering a batch takes milliseconds.
+Resume is exact: `get_state()` is a small JSON dict per stream (its position; for mid also the
+conversation at the head of the token buffer, the offset into it and the rows of the current chunk already
+returned), valid for the last batch returned; `set_state` on a fresh iterator continues with the very next
+batch, also on another device or process count: every optimizer step holds the same rows as an
+uninterrupted run (SFT pads them to other lengths, which changes no loss; midtraining cuts each stream
+into the chunks of rows·T + 1 tokens of the run's first layout and hands them out in pieces). A background
+thread keeps `data.prefetch` batches ready (rendering releases the GIL inside tiktoken); contents never
+depend on it. Plain Python rather than Grain: the state is a few integers and rendering a batch takes
+milliseconds.
 
 Bad rows: a conversation that cannot be rendered raises, naming dataset, split and row; with
 `data.skip_bad_rows=True` it is skipped, counted in `stats["bad_rows"]` and the first few are logged.
@@ -48,6 +54,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
+from nanojax.data import layout
 from nanojax.data.kinds import canonical_kind
 from nanojax.tasks.common import BadRowError, Task, TaskMixture
 from nanojax.tasks.registry import build_task, parse_mixture, parse_sources, source_for
@@ -98,25 +105,23 @@ def sft_batch(rendered: list[tuple[list[int], list[int]]], lengths: list[int], p
 
 
 class _Stream:
-    """Conversations of `dataset` for one process (p, p+P, ...), epoch after epoch; rendering + bad-row rule."""
+    """Conversations s, s+S, ... of `dataset` (data stream s of S), epoch after epoch; rendering + bad-row rule."""
 
-    def __init__(self, dataset: Task, tokenizer, *, process_index: int, process_count: int, max_tokens: int,
-                 skip_bad_rows: bool, stats: dict, quiet: bool = False):
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self.dataset, self.tokenizer = dataset, tokenizer
-        self.process_index, self.process_count = process_index, process_count
-        self.per_epoch = len(range(process_index, len(dataset), process_count))
+    def __init__(self, dataset: Task, tokenizer, *, stream: int, stream_count: int, max_tokens: int,
+                 skip_bad_rows: bool, quiet: bool = False):
+        self.dataset, self.tokenizer, self.stream, self.stream_count = dataset, tokenizer, stream, stream_count
+        self.per_epoch = len(range(stream, len(dataset), stream_count))
         if self.per_epoch == 0:
-            raise ValueError(f"{dataset!r} has {len(dataset)} conversations: none for process {process_index} of "
-                             f"{process_count}")
-        self.max_tokens, self.skip_bad_rows, self.stats, self.quiet = max_tokens, skip_bad_rows, stats, quiet
+            raise ValueError(f"{dataset!r} has {len(dataset)} conversations: none for data stream {stream} of "
+                             f"{stream_count} (one per process)")
+        self.max_tokens, self.skip_bad_rows, self.quiet = max_tokens, skip_bad_rows, quiet
+        self.stats = _new_stats()
 
     def index(self, k: int) -> int:
-        return self.process_index + (k % self.per_epoch) * self.process_count
+        return self.stream + (k % self.per_epoch) * self.stream_count
 
     def render(self, k: int):
-        """(ids, mask) of the process's k-th conversation, or None for a skipped bad row."""
+        """(ids, mask) of the stream's k-th conversation, or None for a skipped bad row."""
         i = self.index(k)
         try:
             conversation = self.dataset[i]
@@ -138,25 +143,44 @@ class _Stream:
         return ids, mask
 
 
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _process_view(streams: list, positions: list[int]) -> dict:
+    """"epoch" and "stats" of this process: its streams' counters summed, the furthest epoch."""
+    stats = {k: sum(s.stats[k] for s in streams) for k in _COUNTERS}
+    return {"epoch": max(k // s.per_epoch for s, k in zip(streams, positions)), "stats": stats}
+
+
 class _SFTSource:
-    """SFT rows: one conversation per row.
+    """SFT rows: one conversation per row; each micro-batch takes `stream_rows` conversations of every stream.
 
     Every process must pad a micro-batch to the same length (the global batch is one array), so each
-    process also renders the other processes' conversations of the same micro-batch, for their lengths
-    only: no communication, and cheap (SFT steps hold a few dozen conversations in all). State: every
-    process's stream position (`ks`; `k` is this process's) + this process's counters."""
+    process renders every stream's conversations of the micro-batch, for their lengths: no communication,
+    and cheap (SFT steps hold a few dozen conversations in all). It therefore knows every stream's position
+    and counters, and its state holds them all."""
 
-    def __init__(self, streams: list[_Stream], own: int, *, batch_size: int, lengths: list[int], pad_id: int,
-                 num_batches: int | None):
-        self.streams, self.own, self.stream = streams, own, streams[own]
-        self.batch_size, self.lengths, self.pad_id = batch_size, lengths, pad_id
-        self.num_batches = num_batches  # None: forever
-        self.ks = [0] * len(streams)
+    def __init__(self, open_stream, *, batch_size: int, process_index: int, process_count: int, lengths: list[int],
+                 pad_id: int, finite: bool):
+        self.open_stream = open_stream  # (stream, stream count, quiet) -> _Stream
+        self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
+        self.lengths, self.pad_id, self.finite = lengths, pad_id, finite
+        self._arrange(process_count)
+
+    def _arrange(self, stream_count: int) -> None:
+        self.shares = layout.shares(stream_count, self.process_index, self.process_count)
+        self.stream_rows = layout.stream_rows(self.batch_size, self.process_count, stream_count)
+        owned = {share.stream for share in self.shares}
+        self.streams = [self.open_stream(s, stream_count, s not in owned) for s in range(stream_count)]
+        self.ks = [0] * stream_count
+        dataset_rows = len(self.streams[0].dataset)  # finite: the same number of full batches on every process
+        self.num_batches = dataset_rows // (stream_count * self.stream_rows) if self.finite else None
 
     def _take(self, q: int) -> list:
         stream, rendered = self.streams[q], []
-        while len(rendered) < self.batch_size:
-            if self.num_batches is not None and self.ks[q] >= stream.per_epoch:
+        while len(rendered) < self.stream_rows:
+            if self.finite and self.ks[q] >= stream.per_epoch:
                 raise StopIteration  # finite split ran out (only possible with skipped bad rows)
             item = stream.render(self.ks[q])
             self.ks[q] += 1
@@ -165,43 +189,60 @@ class _SFTSource:
         return rendered
 
     def next_batch(self) -> dict[str, np.ndarray]:
-        st = self.stream.stats
-        if self.num_batches is not None and st["batches"] >= self.num_batches:
+        if self.finite and self.streams[0].stats["batches"] >= self.num_batches:
             raise StopIteration
-        per_process = [self._take(q) for q in range(len(self.streams))]
-        longest = max(len(ids) - 1 for rendered in per_process for ids, _ in rendered)
-        rendered = per_process[self.own]
-        batch = sft_batch(rendered, self.lengths, self.pad_id, length=round_up(longest, self.lengths))
-        n_tokens = sum(len(ids) - 1 for ids, _ in rendered)
-        st["batches"] += 1
-        st["tokens"] += n_tokens
-        st["target_tokens"] += int((batch["targets"] >= 0).sum())
-        st["pad_tokens"] += batch["inputs"].size - n_tokens
-        return batch
+        per_stream = [self._take(q) for q in range(len(self.streams))]
+        length = round_up(max(len(ids) - 1 for rendered in per_stream for ids, _ in rendered), self.lengths)
+        for stream, rendered in zip(self.streams, per_stream):
+            st, n_tokens = stream.stats, sum(len(ids) - 1 for ids, _ in rendered)
+            st["batches"] += 1
+            st["tokens"] += n_tokens
+            st["target_tokens"] += sum(int(np.count_nonzero(np.asarray(mask[1:]) == 1)) for _, mask in rendered)
+            st["pad_tokens"] += len(rendered) * length - n_tokens
+        return _concat([layout.share_rows(sft_batch(per_stream[share.stream], self.lengths, self.pad_id, length),
+                                          share) for share in self.shares])
 
     def get_state(self) -> dict:
-        k = self.ks[self.own]
-        return {"k": k, "ks": list(self.ks), "epoch": k // self.stream.per_epoch, "stats": dict(self.stream.stats)}
+        owned = [share.stream for share in self.shares]
+        return {"stream_count": len(self.streams),
+                "streams": {str(q): {"k": k, "stats": dict(s.stats)} for q, (s, k) in enumerate(zip(self.streams,
+                                                                                                   self.ks))},
+                **_process_view([self.streams[q] for q in owned], [self.ks[q] for q in owned])}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        ks = [int(k) for k in state.get("ks", [state["k"]])]
-        if len(ks) != len(self.streams):
-            raise ValueError(f"SFT iterator state is for {len(ks)} processes, this run has {len(self.streams)}")
-        self.ks = ks
-        self.stream.stats.update(state["stats"])
+        def legacy(index, writers, saved):  # before streams: {"k", "ks": every process's k, "stats": its own}
+            ks = saved.get("ks", [saved["k"]])
+            return len(ks), {q: {"k": k, "stats": saved["stats"] if q == index else _new_stats()}
+                             for q, k in enumerate(ks)}
+
+        count, saved = layout.saved_streams(state, self.process_index, self.process_count, legacy)
+        layout.require(saved, range(count), count, self.process_index, self.process_count)
+        self._arrange(count)
+        self.ks = [int(saved[q]["k"]) for q in range(count)]
+        for q, stream in enumerate(self.streams):
+            stream.stats.update(saved[q]["stats"])
 
 
-class _MidSource:
-    """Midtraining rows: the conversation token stream cut into rows·T + 1 tokens per batch.
+class _MidStream:
+    """One stream's conversation tokens cut into `chunk_rows`·T + 1 tokens at a time (nanochat's micro-batch:
+    the last token is only a target), handed out `take(n)` rows at a time.
 
-    State: `head` = stream position of the conversation at the front of the token buffer, `offset` = tokens
-    of it already used, `k` = next conversation to render (everything between head and k is buffered)."""
+    The chunk is the stream's share of a micro-batch when the run started, so the rows of a step stay the same
+    when a resume asks for more or fewer rows at a time. Packer state: `head` = stream position of the
+    conversation at the front of the token buffer, `offset` = tokens of it already used, `k` = next conversation
+    to render (everything between head and k is buffered); the state also names the rows of the current chunk
+    already handed out (`rows_used`; the packer state is then the one before that chunk)."""
 
-    def __init__(self, stream: _Stream, *, batch_size: int, seq_len: int):
-        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+    def __init__(self, stream: _Stream, *, chunk_rows: int, seq_len: int):
+        self.stream, self.chunk_rows, self.seq_len = stream, chunk_rows, seq_len
         self.buffer: list[tuple[int, np.ndarray]] = []  # (position, ids) in stream order
         self.offset = 0  # tokens of buffer[0] already used
         self.k = 0
+        self.chunk, self.rows_used, self.chunk_start = None, 0, self._position()
+
+    def _position(self) -> dict:
+        return {"k": self.k, "head": self.position(), "offset": self.offset if self.buffer else 0,
+                "stats": dict(self.stream.stats)}
 
     def _fill(self, needed: int) -> None:
         have = sum(len(ids) for _, ids in self.buffer) - self.offset
@@ -213,8 +254,8 @@ class _MidSource:
                 have += len(ids)
             self.k += 1
 
-    def next_batch(self) -> dict[str, np.ndarray]:
-        needed = self.batch_size * self.seq_len + 1
+    def _next_chunk(self) -> dict[str, np.ndarray]:
+        needed = self.chunk_rows * self.seq_len + 1
         self._fill(needed)
         out, take = [], needed
         while take:
@@ -231,16 +272,32 @@ class _MidSource:
         st["batches"] += 1
         st["tokens"] += needed - 1
         st["target_tokens"] += needed - 1
-        return {"inputs": flat[:-1].reshape(self.batch_size, self.seq_len),
-                "targets": flat[1:].reshape(self.batch_size, self.seq_len)}
+        return {"inputs": flat[:-1].reshape(self.chunk_rows, self.seq_len),
+                "targets": flat[1:].reshape(self.chunk_rows, self.seq_len)}
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        parts = []
+        while n:
+            if self.chunk is None or self.rows_used == self.chunk_rows:
+                self.chunk_start = self._position()
+                self.chunk, self.rows_used = self._next_chunk(), 0
+            m = min(n, self.chunk_rows - self.rows_used)
+            parts.append({k: v[self.rows_used:self.rows_used + m] for k, v in self.chunk.items()})
+            self.rows_used, n = self.rows_used + m, n - m
+        return _concat(parts)
+
+    def position(self) -> int:
+        """The stream position of the conversation at the front of the token buffer (for the epoch)."""
+        return self.buffer[0][0] if self.buffer else self.k
 
     def get_state(self) -> dict:
-        head = self.buffer[0][0] if self.buffer else self.k
-        return {"k": self.k, "head": head, "offset": self.offset if self.buffer else 0,
-                "epoch": head // self.stream.per_epoch, "stats": dict(self.stream.stats)}
+        if self.chunk is None or self.rows_used == self.chunk_rows:
+            return {**self._position(), "rows_used": 0, "chunk_rows": self.chunk_rows}
+        return {**self.chunk_start, "rows_used": self.rows_used, "chunk_rows": self.chunk_rows}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Re-render the buffered conversations head..k-1 (their counters were saved already), skip `offset`."""
+        """Re-render the buffered conversations head..k-1 (their counters were saved already), skip `offset`,
+        then re-cut the chunk that was being handed out."""
         saved = dict(state["stats"])
         self.buffer = []
         for pos in range(int(state["head"]), int(state["k"])):
@@ -250,6 +307,49 @@ class _MidSource:
         self.k, self.offset = int(state["k"]), int(state["offset"])
         self.stream.stats.clear()
         self.stream.stats.update(saved)
+        self.chunk_rows = int(state.get("chunk_rows") or self.chunk_rows)  # None: written before streams
+        self.chunk, self.rows_used, self.chunk_start = None, 0, self._position()
+        if state.get("rows_used"):
+            self.chunk, self.rows_used = self._next_chunk(), int(state["rows_used"])
+
+
+class _MidSource:
+    """Midtraining rows: `stream_rows` rows of each stream this process reads per micro-batch."""
+
+    def __init__(self, open_stream, *, batch_size: int, seq_len: int, process_index: int, process_count: int):
+        self.open_stream = open_stream  # (stream, stream count, quiet) -> _Stream
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.process_index, self.process_count = process_index, process_count
+        self._arrange(process_count)
+
+    def _arrange(self, stream_count: int) -> None:
+        self.stream_count = stream_count
+        self.shares = layout.shares(stream_count, self.process_index, self.process_count)
+        self.stream_rows = layout.stream_rows(self.batch_size, self.process_count, stream_count)
+        self.streams = {share.stream: _MidStream(self.open_stream(share.stream, stream_count, share.part > 0),
+                                                 chunk_rows=self.stream_rows, seq_len=self.seq_len)
+                        for share in self.shares}
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        return _concat([layout.share_rows(self.streams[share.stream].take(self.stream_rows), share)
+                        for share in self.shares])
+
+    def get_state(self) -> dict:
+        streams = list(self.streams.values())
+        return {"stream_count": self.stream_count,
+                "streams": {str(s): stream.get_state() for s, stream in self.streams.items()},
+                **_process_view([m.stream for m in streams], [m.position() for m in streams])}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        def legacy(index, writers, saved):  # before streams: process p of P packed stream p, chunks of its rows
+            return writers, {index: {**saved, "rows_used": 0, "chunk_rows": None}}
+
+        count, saved = layout.saved_streams(state, self.process_index, self.process_count, legacy)
+        owned = [share.stream for share in layout.shares(count, self.process_index, self.process_count)]
+        layout.require(saved, owned, count, self.process_index, self.process_count)
+        self._arrange(count)
+        for s, stream in self.streams.items():
+            stream.set_state(saved[s])
 
 
 class ChatIterator:
@@ -364,15 +464,16 @@ def make_sft_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int
                       skip_bad_rows: bool = False, prefetch: int = 2) -> ChatIterator:
     """SFT batches of `batch_size` conversations (this process's rows); finite=True: one pass, the same
     number of batches on every process."""
-    streams = [_Stream(dataset, tokenizer, process_index=q, process_count=process_count, max_tokens=seq_len + 1,
-                       skip_bad_rows=skip_bad_rows, stats=_new_stats(), quiet=q != process_index)
-               for q in range(process_count)]
-    num_batches = len(dataset) // (process_count * batch_size) if finite else None
-    if finite and num_batches == 0:
+    def open_stream(stream: int, stream_count: int, quiet: bool) -> _Stream:
+        return _Stream(dataset, tokenizer, stream=stream, stream_count=stream_count, max_tokens=seq_len + 1,
+                       skip_bad_rows=skip_bad_rows, quiet=quiet)
+
+    if finite and len(dataset) < process_count * batch_size:
         raise ValueError(f"{dataset!r} has {len(dataset)} conversations: fewer than one batch of {batch_size} "
                          f"rows on each of {process_count} processes")
-    source = _SFTSource(streams, process_index, batch_size=batch_size, lengths=lengths or pad_lengths(seq_len),
-                        pad_id=tokenizer.encode_special("<|assistant_end|>"), num_batches=num_batches)
+    source = _SFTSource(open_stream, batch_size=batch_size, process_index=process_index, process_count=process_count,
+                        lengths=lengths or pad_lengths(seq_len), pad_id=tokenizer.encode_special("<|assistant_end|>"),
+                        finite=finite)
     return ChatIterator(source, prefetch=prefetch, announce=process_index == 0 and not finite,
                         description=f"sft {dataset!r}, process {process_index}/{process_count}, {batch_size} rows, "
                                     f"T<= {seq_len}")
@@ -382,9 +483,12 @@ def make_mid_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int
                       process_count: int = 1, skip_bad_rows: bool = False, prefetch: int = 2,
                       announce: bool = True) -> ChatIterator:
     """Midtraining batches: packed (batch_size, seq_len) rows of the rendered conversation stream."""
-    stream = _Stream(dataset, tokenizer, process_index=process_index, process_count=process_count,
-                     max_tokens=max(MID_MAX_TOKENS, seq_len), skip_bad_rows=skip_bad_rows, stats=_new_stats())
-    source = _MidSource(stream, batch_size=batch_size, seq_len=seq_len)
+    def open_stream(stream: int, stream_count: int, quiet: bool) -> _Stream:
+        return _Stream(dataset, tokenizer, stream=stream, stream_count=stream_count,
+                       max_tokens=max(MID_MAX_TOKENS, seq_len), skip_bad_rows=skip_bad_rows, quiet=quiet)
+
+    source = _MidSource(open_stream, batch_size=batch_size, seq_len=seq_len, process_index=process_index,
+                        process_count=process_count)
     return ChatIterator(source, prefetch=prefetch, announce=process_index == 0 and announce,
                         description=f"mid {dataset!r}, process {process_index}/{process_count}, "
                                     f"{batch_size}x{seq_len}")

@@ -13,10 +13,14 @@ Per process, per epoch:
      targets = row[1:]. A finite split drops the final partial batch (jit needs fixed shapes).
   4. A background thread keeps `prefetch` batches ready (optionally worker processes, `worker_count`).
 
-Resume is exact: the iterator state is a small JSON dict (the position of the first row group still in
-the packing buffer plus an offset into it), so `set_state` on a fresh iterator continues with the very
-next batch; the train loop saves it with each checkpoint (one JSON file per process,
-`nanojax.checkpoint.DataStateHandler`).
+Resume is exact: the iterator state is a small JSON dict per data stream (the position of the first row
+group still in the packing buffer plus an offset into it, in tokens), so `set_state` on a fresh iterator
+continues with the very next batch; the train loop saves it with each checkpoint (one JSON file per process,
+`nanojax.checkpoint.DataStateHandler`). Above, "process p of P" is really "data stream s of S", S = the process
+count of the run that started (`nanojax.data.layout`): a resume on another process count runs the same streams,
+several per process or one shared by several, and a resume on another device count only asks the packer for
+another number of rows at a time. Either way every optimizer step holds the same rows as an uninterrupted run
+(except with `worker_count` > 0, whose workers interleave whole batches: that resume is refused).
 The loop measures data stalls by timing `next(iterator)`; `iterator.stats` counts documents, empty
 documents, row groups, batches and the epoch, consistent with the batches returned so far.
 
@@ -39,7 +43,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from nanojax.data import fineweb
+from nanojax.data import fineweb, layout
 
 _COUNTERS = ("row_groups", "documents", "empty_documents", "tokens_read")
 
@@ -59,7 +63,7 @@ def row_groups(files: Sequence[str], threads: int = 16) -> list[tuple[int, int]]
             ) from e
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-        counts = list(pool.map(count, files))
+        counts = list(pool.map(lambda path: count(fineweb.require_text_column(path)), files))
     return [(f, g) for f, n in enumerate(counts) for g in range(n)]
 
 
@@ -70,10 +74,11 @@ def data_fingerprint(files: Sequence[str], units, seed: int, shuffle: bool) -> s
 
 
 class _Units:
-    """Random-access source: local index i -> (epoch, file, row group, part, parts) for one process.
+    """Random-access source: local index i -> (epoch, file, row group, part, parts) for one data stream
+    (`process_index` of `process_count`: the streams are the processes of the run's first layout).
 
-    Units are row groups; only when processes outnumber row groups (e.g. the single val shard on a
-    64-host pod) is each row group cut into `parts` row ranges, so every process still gets work.
+    Units are row groups; only when streams outnumber row groups (e.g. the single val shard on a
+    64-host pod) is each row group cut into `parts` row ranges, so every stream still gets work.
     len = units per epoch x num_epochs (sys.maxsize when repeating forever). Pure function of
     (seed, epoch, process), so any index can be recomputed after a restart.
     """
@@ -241,11 +246,13 @@ class _PackIterator(grain.DatasetIterator):
                 "stats": stats, "meta": self._meta}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("meta", self._meta)
+        saved = dict(state.get("meta", self._meta))
+        if "batch" in saved:  # written before data streams: {"process": [p, P], "batch": [rows, seq_len]}
+            saved["seq_len"] = saved["batch"][1]
         diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self._meta.items() if saved.get(k) != v]
-        if diff:  # resuming on other data or another layout would silently feed different batches
+        if diff:  # resuming on other data or another seq_len would silently feed different batches
             raise ValueError("the data-iterator state was saved for a different pipeline (" + "; ".join(diff)
-                             + "). Resume with the same shards, seed, batch shape and process count.")
+                             + "). Resume with the same shards, seed and seq_len.")
         self._parent.set_state(state["parent"])
         self._reset(state)
         if self._offset:  # re-read the partly consumed row group now, so get_state stays exact
@@ -265,34 +272,92 @@ def _packer_states(state) -> list[dict]:
     return []
 
 
-class PretrainIterator(grain.DatasetIterator):
-    """Yields {"inputs", "targets"}: int32 [batch_size, seq_len]. Checkpointable, closeable.
+def _legacy_stream(index: int, writers: int, state: dict) -> tuple[int, dict[int, dict]]:
+    """A process's state from before data streams (its reader's state): process p of P read stream p of P."""
+    packers = _packer_states(state)
+    stream, count = packers[0]["meta"]["process"]
+    workers = 0 if packers[0] is state else len(packers)
+    return count, {stream: {"reader": state, "rows": packers[0]["meta"]["batch"][0], "workers": workers}}
 
-    `stats` (dict) is consistent with the batches returned so far: epoch, batches, row_groups,
-    documents, empty_documents, tokens_read (including tokens still waiting in the packing buffer).
-    `set_state` refuses a state saved for other shards, seed, batch shape or process layout.
+
+class PretrainIterator(grain.DatasetIterator):
+    """Yields {"inputs", "targets"}: int32 [batch_size, seq_len], this process's rows of the run's data streams
+    (`nanojax.data.layout`): one reader (grain pipeline) per stream it reads. Checkpointable, closeable.
+
+    `stats` (dict) is consistent with the batches returned so far, summed over this process's readers: epoch,
+    batches, row_groups, documents, empty_documents, tokens_read (including tokens still waiting in the packing
+    buffer). `set_state` takes one process's state or every process's (`DataStateHandler.restore`), re-arranges
+    the readers for the stream count it names, and refuses a state saved for other shards, seed or seq_len.
     """
 
-    def __init__(self, it: grain.DatasetIterator, *, description: str, fingerprint: str):
-        super().__init__(it)
-        self.description = description
-        self.fingerprint = fingerprint  # the same on every host of a run: the loop may assert it across hosts
+    def __init__(self, open_stream, *, batch_size: int, process_index: int, process_count: int, worker_count: int,
+                 summary: str):
+        super().__init__()
+        self._readers: list[grain.DatasetIterator] = []
+        self._open_stream = open_stream  # (stream, stream count, rows) -> (grain iterator, fingerprint, _Units)
+        self._batch_size, self._worker_count, self._summary = batch_size, worker_count, summary
+        self._process = process_index, process_count
+        self._arrange(process_count)
+
+    def _arrange(self, stream_count: int) -> None:
+        """Open a reader for each stream this process reads when the run's data has `stream_count` streams."""
+        p, P = self._process
+        owned = layout.shares(stream_count, p, P)
+        rows = layout.stream_rows(self._batch_size, P, stream_count)
+        self._close_readers()
+        opened = [self._open_stream(share.stream, stream_count, rows) for share in owned]
+        self._readers = [reader for reader, _, _ in opened]
+        self._shares, self._stream_count, self._stream_rows = owned, stream_count, rows
+        _, self.fingerprint, units = opened[0]  # the same on every host of a run: the loop may assert it across hosts
+        self.description = self._summary.format(units=len(units.units), per_epoch=units.per_epoch,
+                                                streams=layout.describe(stream_count, owned))
+
+    def _close_readers(self) -> None:
+        for reader in self._readers:
+            reader.close()
 
     def __next__(self):
-        return next(self._parent)
+        self._assert_not_closed()
+        parts = [layout.share_rows(next(reader), share) for reader, share in zip(self._readers, self._shares)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
     def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
+        return {"stream_count": self._stream_count,
+                "streams": {str(share.stream): {"reader": reader.get_state(), "rows": self._stream_rows,
+                                                "workers": self._worker_count}
+                            for share, reader in zip(self._shares, self._readers)}}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
+        p, P = self._process
+        count, saved = layout.saved_streams(state, p, P, _legacy_stream)
+        owned = layout.shares(count, p, P)
+        layout.require(saved, [share.stream for share in owned], count, p, P)
+        rows = layout.stream_rows(self._batch_size, P, count)
+        first = saved[owned[0].stream]
+        was, now = (first["workers"], count, first["rows"]), (self._worker_count, P, rows)
+        if (was[0] or now[0]) and was != now:
+            raise ValueError(
+                "data.worker_count > 0 interleaves its workers' batches, so the data order depends on the batch "
+                f"layout: this state was written with worker_count={was[0]}, {was[1]} processes and {was[2]} rows per "
+                f"process per micro-batch, this run has {now[0]}, {now[1]} and {now[2]}; resume with the layout it was "
+                "written with, or train with data.worker_count=0 (it resumes exactly on any layout)")
+        if (count, rows) != (self._stream_count, self._stream_rows):
+            self._arrange(count)
+        for share, reader in zip(self._shares, self._readers):
+            reader.set_state(saved[share.stream]["reader"])
 
     @property
     def stats(self) -> dict[str, int]:
-        packers = _packer_states(self._parent.get_state())  # one per worker process, else one
+        packers = [s for reader in self._readers for s in _packer_states(reader.get_state())]  # + one per worker
         out = {k: sum(s["stats"][k] for s in packers) for k in ("batches", *_COUNTERS)}
         out["epoch"] = max(s["stats"]["epoch"] for s in packers)
         return out
+
+    def close(self) -> None:
+        self._close_readers()
+        super().close()
 
     def __repr__(self):
         return f"PretrainIterator({self.description})"
@@ -311,7 +376,8 @@ def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_l
     shared by all read threads: about one per core the host can spare); prefetch: batches kept ready by
     a background thread; worker_count > 0 adds worker processes (each packs its own share of row groups;
     on a 2-core host they only add start-up time: `python -m nanojax.benchmarks.data`).
-    Deterministic for (files, seed, process_index, process_count, worker_count); read_threads,
+    Deterministic for (files, seed, process_index, process_count, worker_count), where a state from
+    `set_state` sets the stream count (the process count of the run's start); read_threads,
     tokenizer_threads and prefetch change only speed, never content.
     """
     files = [str(f) for f in files]
@@ -319,26 +385,30 @@ def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_l
         raise ValueError("make_pretrain_iterator: no files given")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-    units = _Units(row_groups(files), process_index=process_index, process_count=process_count, seed=seed,
-                   shuffle=shuffle, num_epochs=num_epochs)
-    ds = grain.MapDataset.source(units).map(
-        _ReadTokenize(files, tokenizer.encoding, tokenizer.bos_token_id, tokenizer_threads))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads),
-                                              prefetch_buffer_size=max(1, read_threads)))
-    meta = {"data": data_fingerprint(files, units.units, seed, shuffle),
-            "process": [process_index, process_count], "batch": [batch_size, seq_len]}
-    ds = _Pack(ds, batch_size, seq_len, max_empty=units.per_epoch, meta=meta)
-    if worker_count > 0:
-        if not flags.FLAGS.is_parsed():  # grain reads an absl flag in its workers
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                         per_worker_buffer_size=max(1, prefetch)))
-    elif prefetch > 0:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    desc = (f"{len(files)} file(s), {len(units.units)} units (row groups), "
-            f"process {process_index}/{process_count} "
-            f"({units.per_epoch}/epoch), batch {batch_size}x{seq_len}, seed {seed}")
-    return PretrainIterator(ds.__iter__(), description=desc, fingerprint=meta["data"])
+    groups = row_groups(files)
+    read = _ReadTokenize(files, tokenizer.encoding, tokenizer.bos_token_id, tokenizer_threads)
+
+    def open_stream(stream: int, stream_count: int, rows: int) -> tuple[grain.DatasetIterator, str, _Units]:
+        units = _Units(groups, process_index=stream, process_count=stream_count, seed=seed, shuffle=shuffle,
+                       num_epochs=num_epochs)
+        ds = grain.MapDataset.source(units).map(read)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads),
+                                                  prefetch_buffer_size=max(1, read_threads)))
+        meta = {"data": data_fingerprint(files, units.units, seed, shuffle), "seq_len": seq_len}
+        ds = _Pack(ds, rows, seq_len, max_empty=units.per_epoch, meta=meta)
+        if worker_count > 0:
+            if not flags.FLAGS.is_parsed():  # grain reads an absl flag in its workers
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                             per_worker_buffer_size=max(1, prefetch)))
+        elif prefetch > 0:
+            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+        return ds.__iter__(), meta["data"], units
+
+    summary = (f"{len(files)} file(s), {{units}} units (row groups), process {process_index}/{process_count} "
+               f"reads {{streams}} ({{per_epoch}}/epoch), batch {batch_size}x{seq_len}, seed {seed}")
+    return PretrainIterator(open_stream, batch_size=batch_size, process_index=process_index,
+                            process_count=process_count, worker_count=worker_count, summary=summary)
 
 
 def make_iterator_from_config(config, *, split: str, batch_size: int, process_index: int,

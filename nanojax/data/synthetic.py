@@ -3,7 +3,7 @@
 `SyntheticIterator` yields token rows (no tokenizer either): each row starts at a random token and then
 follows one fixed random permutation of the vocabulary (token t+1 = perm[token t]), so a model can learn
 it and the loss visibly falls; batch i of process p is a pure function of (seed, p, i), which makes
-resuming trivial and exact.
+resuming trivial and exact (on another device or process count too: see `SyntheticIterator`).
 
 `synthetic_documents` writes English-like text (an invented Zipfian vocabulary in sentences and
 paragraphs) for what needs text rather than tokens: tokenizer training and throughput, the data-pipeline
@@ -16,33 +16,76 @@ import random
 
 import numpy as np
 
+from nanojax.data import layout
+
 
 class SyntheticIterator:
+    """Rows of data stream s come in chunks: chunk c is a pure function of (seed, split, s, c) with `chunk_rows`
+    rows, the stream's share of a micro-batch when the run started (`nanojax.data.layout`), so a resume on
+    other device or process counts hands out the very same rows, only in other numbers at a time."""
+
     def __init__(self, *, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, split: str = "train"):
         self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
-        self.seed, self.process_index = seed, process_index
+        self.seed, self.process_index, self.process_count = seed, process_index, process_count
         self.split_id = {"train": 0, "val": 1}[split]
         self.perm = np.random.default_rng(seed).permutation(vocab_size).astype(np.int32)
-        self.index = 0
+        self._arrange(process_count, None)
+        self.rows = 0  # rows read from each stream so far
+        self._cached = {}  # stream -> (chunk index, rows)
+
+    def _arrange(self, stream_count: int, chunk_rows: int | None) -> None:
+        self.stream_count = stream_count
+        self.shares = layout.shares(stream_count, self.process_index, self.process_count)
+        self.stream_rows = layout.stream_rows(self.batch_size, self.process_count, stream_count)
+        self.chunk_rows = chunk_rows or self.stream_rows
+
+    def _chunk(self, stream: int, c: int) -> np.ndarray:
+        if self._cached.get(stream, (None,))[0] != c:
+            rng = np.random.default_rng([self.seed, self.split_id, stream, c])
+            rows = np.empty((self.chunk_rows, self.seq_len + 1), np.int32)
+            rows[:, 0] = rng.integers(0, self.vocab_size, self.chunk_rows)
+            for t in range(self.seq_len):
+                rows[:, t + 1] = self.perm[rows[:, t]]
+            self._cached[stream] = (c, rows)
+        return self._cached[stream][1]
+
+    def _rows(self, stream: int, start: int, n: int) -> np.ndarray:
+        pieces = []
+        while n:
+            c, i = divmod(start, self.chunk_rows)
+            piece = self._chunk(stream, c)[i:i + n]
+            pieces.append(piece)
+            start, n = start + len(piece), n - len(piece)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.split_id, self.process_index, self.index])
-        self.index += 1
-        rows = np.empty((self.batch_size, self.seq_len + 1), np.int32)
-        rows[:, 0] = rng.integers(0, self.vocab_size, self.batch_size)
-        for t in range(self.seq_len):
-            rows[:, t + 1] = self.perm[rows[:, t]]
+        pieces = []
+        for share in self.shares:
+            n = self.stream_rows // share.parts
+            pieces.append(self._rows(share.stream, self.rows + share.part * n, n))
+        self.rows += self.stream_rows
+        rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
     def get_state(self) -> dict:
-        return {"index": self.index}
+        return {"stream_count": self.stream_count,
+                "streams": {str(share.stream): {"rows": self.rows, "chunk_rows": self.chunk_rows}
+                            for share in self.shares}}
 
     def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
+        def legacy(index, writers, saved):  # before streams: {"index": batches of its stream}, rows not recorded
+            rows = layout.stream_rows(self.batch_size, self.process_count, writers)  # taken as unchanged
+            return writers, {index: {"rows": int(saved["index"]) * rows, "chunk_rows": rows}}
+
+        count, saved = layout.saved_streams(state, self.process_index, self.process_count, legacy)
+        owned = [share.stream for share in layout.shares(count, self.process_index, self.process_count)]
+        layout.require(saved, owned, count, self.process_index, self.process_count)
+        self._arrange(count, int(saved[owned[0]]["chunk_rows"]))
+        self.rows, self._cached = int(saved[owned[0]]["rows"]), {}
 
     def close(self) -> None:
         pass
