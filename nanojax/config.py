@@ -6,28 +6,17 @@ Every tool takes `--config=configs/X.py` (a file whose `get_config()` returns a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import math
+import os
 import pathlib
+import re
 
 import ml_collections
 
-# Peak dense bf16 FLOP/s per device, for MFU. Keys are matched as substrings of `device.device_kind`.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "RTX 4090": 165e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-    "TPU v3": 123e12,
-}
+from nanojax.chips import peak_flops
 
 
 def load_config_file(path) -> ml_collections.ConfigDict:
@@ -295,8 +284,153 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+# -- validation: one table, one line per bad value --------------------------------------------------
+_GE1 = (lambda v: v >= 1, "≥ 1")
+_GE0 = (lambda v: not v < 0, "≥ 0")  # a NaN learning rate passes: the loop stops it at step 1 (non-finite, exit 1)
+_GT0 = (lambda v: v > 0, "> 0")
+_AUTO = (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (derived)")
+_FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
+_BETA = (lambda v: 0 <= v < 1, "in [0, 1)")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _one_of(*choices):
+    return lambda v: v in choices, "one of " + ", ".join(choices)
+
+
+def _known_kind(v) -> bool:
+    from nanojax.data.kinds import canonical_kind  # kinds imports nothing of nanojax; lazy keeps config light
+    canonical_kind(v)  # raises its own message, listing the kinds
+    return True
+
+
+# key -> (test, what it must be). Keys a config lacks (one saved by an older nanojax) are skipped.
+RULES = {
+    "run_name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
+    "model.depth": _GE1, "model.aspect_ratio": _GE1, "model.head_dim": _GE1, "model.vocab_size": _GE1,
+    "model.seq_len": _GE1, "model.mlp_ratio": _GE1, "model.loss_chunk_size": _GE1,
+    "model.width": _AUTO, "model.n_head": _AUTO, "model.n_kv_head": _AUTO,
+    "model.rope_base": _GT0, "model.softcap": _GT0,
+    "model.remat": _one_of("auto", "none", "full", "dots"), "model.attention_impl": _one_of("auto", "xla", "cudnn"),
+    "model.compute_dtype": _one_of("auto", *_DTYPES), "model.param_dtype": _one_of(*_DTYPES),
+    **dict.fromkeys(("mesh.data", "mesh.fsdp", "mesh.tensor"), (_AUTO[0], "≥ 1, or -1 (the rest of the devices)")),
+    "mesh.num_devices": (_AUTO[0], "≥ 1, or -1 (every device)"),
+    "train.total_batch_size": _GE1, "train.device_batch_size": _GE1,
+    "train.num_iterations": (lambda v: v == -1 or v >= 1, "> 0, or -1 to derive it from train.target_param_data_ratio"),
+    "train.target_param_data_ratio": _GE0, "train.warmup_ratio": _FRACTION, "train.warmdown_ratio": _FRACTION,
+    "train.final_lr_frac": _FRACTION, "train.grad_clip": _GE0, "train.log_every": _GE1,
+    "train.eval_every": (lambda v: v >= 0, "≥ 0 (0: no evaluation)"), "train.eval_tokens": _GE0,
+    "train.checkpoint_every": (lambda v: v >= 0, "≥ 0 (0: only the final checkpoint)"),
+    "train.max_to_keep": _GE1, "train.init_from_step": (lambda v: v >= -1, "≥ 0, or -1 (latest)"),
+    "train.stop_after_steps": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (no early stop)"),
+    "optim.embedding_lr": _GE0, "optim.unembedding_lr": _GE0, "optim.matrix_lr": _GE0, "optim.lr_scale": _GE0,
+    "optim.weight_decay": _GE0, "optim.adam_eps": _GE0, "optim.adam_b1": _BETA, "optim.adam_b2": _BETA,
+    "optim.muon_momentum_start": _BETA, "optim.muon_momentum_end": _BETA,
+    "optim.muon_momentum_warmup_steps": _GE0, "optim.ns_steps": _GE0, "optim.ns_dtype": _one_of(*_DTYPES),
+    "data.kind": (_known_kind, "a known data pipeline"),
+    "data.num_shards": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (every shard in data.path)"),
+    "data.read_threads": _GE1, "data.tokenizer_threads": _GE1, "data.prefetch": _GE0, "data.worker_count": _GE0,
+}
+
+
+def _lookup(config, dotted: str):
+    """The value at "a.b" of a ConfigDict or dict; KeyError when absent."""
+    value = config
+    for part in dotted.split("."):
+        if not hasattr(value, "keys") or part not in value.keys():
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def _type_error(key: str, value, default) -> str | None:
+    """What is wrong with the type of `value`, given the default's type (int is fine for a float)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+    else:
+        ok = isinstance(value, type(default))
+    return None if ok else (f"config.{key}={value!r}: expected {type(default).__name__}, "
+                            f"got {type(value).__name__}")
+
+
+def validate(config) -> None:
+    """ValueError, one line naming every bad key and what it must be, for a config whose values would fail
+    later (a division by zero, an empty iterator) or, worse, be reinterpreted silently (num_iterations=0 meaning
+    'derive it'). Types follow `default_config()`; ranges and choices follow `RULES`."""
+    problems = []
+    for key, default in _default_items():
+        try:
+            value = _lookup(config, key)
+        except KeyError:
+            continue
+        problem = _type_error(key, value, default)
+        if problem is None and key in RULES:
+            test, must = RULES[key]
+            try:
+                ok = test(value)
+            except ValueError as e:
+                problem = str(e)
+            else:
+                problem = None if ok else f"config.{key}={value!r} must be {must}"
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_items() -> tuple:
+    """(dotted key, default value) of every leaf of `default_config()`."""
+    def flat(c, prefix):
+        for k, v in c.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [(prefix + k, v)]
+    return tuple(flat(default_config(), ""))
+
+
+def unknown_key(config, dotted: str, root: str = "config") -> str | None:
+    """Why `<root>.<dotted>` names no key (with the nearest spelling when one is close), or None if it does."""
+    value, seen = config, root
+    for part in dotted.split("."):
+        keys = list(value.keys()) if hasattr(value, "keys") else None
+        if keys is None:
+            return f"{seen} is a value, not a group: there is no {seen}.{part}"
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = f"; did you mean {seen}.{close[0]}?" if close else f" (its keys: {', '.join(sorted(keys))})"
+            return f"{seen}.{part} is not a config key{hint}"
+        value, seen = value[part], f"{seen}.{part}"
+    return None
+
+
+def save_run_config(config, log_dir) -> str | None:
+    """Write `<log_dir>/config.json` (atomically: a temporary file, then `os.replace`). A different config.json
+    already there (a resume with changed values) is first copied to `config.<n>.json`, n = 1, 2, ... in order,
+    and that path returned; nothing is ever overwritten unkept. Call it once the inputs are known to be good."""
+    log_dir = pathlib.Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path, text, kept = log_dir / "config.json", config.to_json_best_effort(indent=2), None
+    if path.exists():
+        old = path.read_bytes()
+        if old != text.encode():
+            taken = [int(m.group(1)) for f in log_dir.glob("config.*.json")
+                     if (m := re.fullmatch(r"config\.(\d+)\.json", f.name))]
+            kept = log_dir / f"config.{max(taken, default=0) + 1}.json"
+            kept.write_bytes(old)
+    tmp = log_dir / f".config.json.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return str(kept) if kept else None
+
+
 def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
     """Validate the config against the device count and compute everything that follows from it."""
+    validate(config)
     m = ModelConfig.of(fill_model_sizes(config.model))
     t = config.train
     data, fsdp, _ = mesh_shape(config.mesh, num_devices)
@@ -328,10 +462,3 @@ def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
         num_iterations=iters,
         total_tokens=iters * t.total_batch_size,
     )
-
-
-def peak_flops(device_kind: str) -> float | None:
-    for key, value in PEAK_FLOPS.items():
-        if key.lower() in device_kind.lower():
-            return value
-    return None

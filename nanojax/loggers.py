@@ -5,7 +5,8 @@ log's scalars, validation loss / bits per byte, data-pipeline counters; the two 
 TensorBoard writes event files to `<run>/tensorboard` through tensorboardX (`pip install 'nanojax[tensorboard]'`);
 W&B (`pip install 'nanojax[wandb]'`) logs to project `train.wandb_project` and honours its own environment
 (`WANDB_MODE=offline`, `WANDB_API_KEY`, `WANDB_ENTITY`, ...); a resumed run continues the same W&B run (its id is
-kept in `<run>/wandb_id`). Only the first process logs.
+kept in `<run>/wandb_id`). Only the first process logs. A resumed run first drops from metrics.jsonl the records
+of the steps it is about to run again (`drop_steps_after`), so each step appears once.
 """
 from __future__ import annotations
 
@@ -26,6 +27,38 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
             out[name] = float(value)
     return out
+
+
+def drop_steps_after(log_dir: str, step: int) -> int:
+    """Drop the records of `metrics.jsonl` whose step is past `step`, the step a run resumes from: those steps
+    run again and log again, and a plot must not see each of them twice. Records without a step are kept, and so
+    is a line that is not JSON, unless it is a torn last line (a killed writer) that the next record would join.
+    Rewritten through a temporary file and `os.replace`, so a crash leaves the old file or the new one whole.
+    Returns how many records were dropped."""
+    path = os.path.join(log_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i < len(lines) - 1 or line.endswith("\n"):
+                kept.append(line)
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 class JsonlLogger:
@@ -108,6 +141,8 @@ class MetricsLoggers:
         except BaseException:
             self.close()
             raise
+
+    drop_steps_after = staticmethod(drop_steps_after)  # call before opening the sinks of a resumed run
 
     def write(self, record: dict) -> None:
         for sink in self.sinks:

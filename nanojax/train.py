@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from nanojax import checkpoint as ckpt
+from nanojax import cli
 from nanojax import config as cfglib
 from nanojax import paths
 from nanojax import sharding as shd
@@ -147,10 +148,12 @@ def reset_step_counts(opt_state):
 
 def restore_or_init(state: TrainState, ckptr: ckpt.Checkpointer, config):
     """(params, opt_state, step, data_state, source): the run's latest checkpoint, else fresh parameters or
-    those of `train.init_from` (the previous stage), whose momenta carry over only if asked for."""
-    latest = ckptr.latest_step()
-    if latest is not None:
-        params, opt_state, data_state, meta = ckptr.restore(latest, state.abstract_params, state.abstract_opt)
+    those of `train.init_from` (the previous stage), whose momenta carry over only if asked for. A damaged
+    newest step is moved aside and the one before it used (`Checkpointer.restore_latest`); when the run has step
+    directories but none is usable, that is a `CheckpointError`, never a silent fresh start."""
+    found = ckptr.restore_latest(state.abstract_params, state.abstract_opt)
+    if found is not None:
+        latest, params, opt_state, data_state, meta = found
         log(f"resumed from {ckptr.directory}/{latest}")
         return params, opt_state, latest, data_state, meta.get("init_from")
     t = config.train
@@ -337,10 +340,23 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
+        if self.signum is not None:  # second signal: give up at once, one line and no traceback
+            self.exit_now(signum)
         self.signum = signum
         log(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+
+    @staticmethod
+    def exit_now(signum):
+        """Exit with status 128 + signum (130 SIGINT, 143 SIGTERM) without unwinding: no traceback, no save, no
+        waiting for a checkpoint in flight (an unfinished one never counts; the same command resumes from the
+        last finished one). os.write, not print: the signal may have interrupted a print to the same stream."""
+        try:
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - a reentrant flush must not stop the exit
+            pass
+        os.write(2, f"received {signal.Signals(signum).name} again: exiting now without saving; the same command "
+                    "resumes from the last checkpoint\n".encode())
+        os._exit(128 + signum)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -355,18 +371,17 @@ class StopFlag:
 
 # -- the loop ---------------------------------------------------------------------------------------
 def run(config) -> dict:
-    """Train (or resume) the run described by `config`; returns the final metrics."""
+    """Train (or resume) the run described by `config`; returns the final metrics. Bad input (a config value, a
+    data file, a tokenizer) fails before the run's files change: config.json and metrics.jsonl are written only
+    once the model, the checkpoint and the data iterator are ready."""
+    cfglib.validate(config)  # every bad value in one line, before anything is built
+    logger_names(config.train.loggers)  # a typo fails before anything is built
     setup_jax()
     mesh = shd.make_mesh(config.mesh)
     derived = cfglib.derive(config, mesh.size)
-    logger_names(config.train.loggers)  # a typo fails before anything is built
     run_dir = run_dir_for(config)
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
     log_dir = local_log_dir(run_dir, config)
-    if jax.process_index() == 0:
-        os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     tokenizer = load_for_config(config)
     state = TrainState(config, mesh, derived)
     ckptr = ckpt.Checkpointer(run_dir, config.train.max_to_keep, config.train.async_checkpointing)
@@ -381,6 +396,13 @@ def run(config) -> dict:
                        process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
     if data_state:
         it.set_state(data_state)
+    if jax.process_index() == 0:  # the inputs held: now the run's own records change
+        kept = cfglib.save_run_config(config, log_dir)
+        if kept:
+            log(f"config changed since the last run of {config.run_name}: the previous one is kept as {kept}")
+        dropped = MetricsLoggers.drop_steps_after(log_dir, step)
+        if dropped:
+            log(f"metrics.jsonl: dropped {dropped} record(s) past step {step}, which runs again")
     reporter = StepReporter(config, derived, log_dir, ckptr.latest_step)
     try:
         with StopFlag() as stop:
@@ -424,10 +446,12 @@ def train_loop(state: TrainState, params, opt_state, step: int, it, ckptr, repor
 
 
 def main(argv):
+    """Bad input of any kind (flag, config value, file, data, tokenizer) is one `error:` line and exit status 2,
+    before the run's files change; a non-finite loss or running out of memory is exit status 1."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}: every setting is a flag, e.g. --config.train.num_iterations=10")
     if flags.FLAGS.config is None:
-        raise app.UsageError("--config=configs/<name>.py is required")
+        cli.fail("--config=configs/<name>.py is required")
     if not flags.FLAGS["verbosity"].present:  # --verbosity=0 (or NANOJAX_VERBOSE=1) shows the libraries' lines
         quiet_library_logs()
     try:
@@ -438,8 +462,10 @@ def main(argv):
     except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: the message says what and where
         if os.environ.get("NANOJAX_TRACEBACK"):
             raise
-        print(f"error: {e}\n(set NANOJAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(e)  # one line (NANOJAX_TRACEBACK=1 shows the traceback)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's handler (compiling, restoring, closing)
+        print("interrupted: exiting now; the same command resumes from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
             c = flags.FLAGS.config
@@ -455,4 +481,4 @@ def main(argv):
 if __name__ == "__main__":
     # defined here, not at import, so other tools can import this module and define their own --config
     config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)  # flag errors: one line, exit status 2

@@ -123,6 +123,20 @@ def open_parquet(path: str) -> pq.ParquetFile:
     return pq.ParquetFile(path)
 
 
+def require_text_column(path, column: str = "text"):
+    """`path`, once its parquet schema is seen to have the column nanojax reads documents from; otherwise
+    CorruptShardError naming the file and the columns it has. A file whose footer does not read is passed
+    through for the caller to report (`pretrain.row_groups` names it, with the re-download hint)."""
+    try:
+        names = open_parquet(str(path)).schema_arrow.names
+    except Exception:  # noqa: BLE001 - unreadable: the caller's error, not this one
+        return path
+    if column not in names:
+        raise CorruptShardError(f"{path}: no {column!r} column (columns: {', '.join(names) or 'none'}); nanojax "
+                                f"reads documents from a column named {column!r}")
+    return path
+
+
 def iter_parquet_texts(files: Sequence[str | os.PathLike], column: str = "text") -> Iterable[str]:
     """Non-empty texts of the files, one row group at a time (memory stays flat on large shards)."""
     for path in files:
