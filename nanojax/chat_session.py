@@ -3,7 +3,9 @@
 The conversation is kept as messages and re-rendered with `render_for_completion` each turn, so what the
 model sees is exactly what SFT trained on. When the history no longer fits `model.seq_len` together with the
 reply budget, the oldest user/assistant pairs are dropped (and the caller is told) instead of crashing
-(nanochat issue #581).
+(nanochat issue #581). Without an explicit reply budget, `plan` gives the reply what the context has left after
+the prompt (at most DEFAULT_MAX_TOKENS), so a request without max_tokens fits any model; an explicit budget that
+cannot fit even with the last message alone is a ValueError naming the numbers.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from nanojax.console import quiet_library_logs
 from nanojax.engine import Engine
 
 PLACEHOLDER = {"role": "assistant", "content": "…"}  # dropped again by render_for_completion
+DEFAULT_MAX_TOKENS = 512  # reply budget when the caller gives none (less if the context has less room)
 
 
 class ChatSession:
@@ -31,8 +34,8 @@ class ChatSession:
         """(prompt ids, number of leading messages dropped to make room for `max_new_tokens`)."""
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("the conversation must end with a user message")
-        if max_new_tokens >= self.seq_len:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room in a {self.seq_len}-token context")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_tokens={max_new_tokens}: the reply needs at least 1 token")
         dropped = 0
         system = [m for m in messages[:1] if m.get("role") == "system"]
         turns = messages[len(system):]
@@ -42,15 +45,32 @@ class ChatSession:
             if len(ids) + max_new_tokens <= self.seq_len:
                 return ids, dropped
             if len(turns) <= 1:
-                raise ValueError(f"the message is {len(ids)} tokens; with a {max_new_tokens}-token reply it does "
-                                 f"not fit the model's {self.seq_len}-token context")
+                room = self.seq_len - len(ids)
+                advice = f"ask for at most {room}" if room >= 1 else "shorten the message"
+                raise ValueError(f"max_tokens={max_new_tokens} does not fit: the model's context is {self.seq_len} "
+                                 f"tokens and the prompt (the last message alone) takes {len(ids)}, leaving "
+                                 f"{max(room, 0)} for the reply; {advice}")
             turns = turns[2:]  # drop the oldest user/assistant pair
             dropped += 2
 
+    def plan(self, messages: list[dict], max_tokens: int | None = None) -> tuple[list[int], int, int]:
+        """(prompt ids, leading messages dropped, reply budget).
+
+        max_tokens=None: min(DEFAULT_MAX_TOKENS, what the context has left after the prompt); the oldest turns are
+        dropped only as far as needed to leave min(DEFAULT_MAX_TOKENS, seq_len // 8) tokens for the reply.
+        An explicit max_tokens drops the oldest turns to make room, or raises ValueError naming the numbers."""
+        if max_tokens is None:
+            floor = max(1, min(DEFAULT_MAX_TOKENS, self.seq_len // 8))
+            ids, dropped = self.prompt(messages, floor)
+            return ids, dropped, min(DEFAULT_MAX_TOKENS, self.seq_len - len(ids))
+        ids, dropped = self.prompt(messages, max_tokens)
+        return ids, dropped, max_tokens
+
     def stream(self, messages: list[dict], *, temperature: float = 0.6, top_k: int = 50,
-               max_tokens: int = 256, seed: int = 42) -> Iterator[str]:
-        """Text of the assistant's reply, piece by piece (never splitting a UTF-8 character)."""
-        ids, _ = self.prompt(messages, max_tokens)
+               max_tokens: int | None = 256, seed: int = 42) -> Iterator[str]:
+        """Text of the assistant's reply, piece by piece (never splitting a UTF-8 character).
+        max_tokens=None: the default budget of `plan`."""
+        ids, _, max_tokens = self.plan(messages, max_tokens)
         out: list[int] = []
         shown = ""
         self.finish_reason = "length"

@@ -29,6 +29,7 @@ from nanojax.conversation import validate
 
 try:  # the [serve] extra
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
@@ -38,8 +39,10 @@ try:  # the [serve] extra
 except ImportError as e:  # pragma: no cover - import-time hint
     raise SystemExit(f"nanojax.serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from e
 
-PAGE = pathlib.Path(__file__).parent / "static" / "index.html"
+PAGE = pathlib.Path(__file__).parent / "static" / "chat.html"
 MAX_BODY_BYTES = 1 << 20
+READ_TIMEOUT_S = 10.0  # a client gets this long to send a request's head, and each piece of its body
+MAX_CONNECTIONS = 256  # beyond this, uvicorn answers 503 at once
 LIMITS = {"messages": 500, "chars_per_message": 8000, "chars_total": 32000}
 
 
@@ -177,7 +180,8 @@ class Choices:
 
 def limit_body(app):
     """ASGI wrapper: a body over MAX_BODY_BYTES gets 413, by its Content-Length or while it streams in (then
-    the app is told the client left, and whatever it answers is dropped)."""
+    the app is told the client left, and whatever it answers is dropped); a body whose next piece takes over
+    READ_TIMEOUT_S counts as a client that left."""
     async def wrapped(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
@@ -192,7 +196,10 @@ def limit_body(app):
             nonlocal seen, refused
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), READ_TIMEOUT_S)
+            except asyncio.TimeoutError:  # a body that trickles in: the client is treated as gone
+                return {"type": "http.disconnect"}
             seen += len(message.get("body", b""))
             if seen > MAX_BODY_BYTES:
                 refused = True
@@ -310,6 +317,25 @@ async def sse_chunks(stream, common: dict, kind: str, body: Sampling, prompt_len
     yield {"data": "[DONE]"}
 
 
+class TimelyH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, which also closes a connection that has not sent a whole request head within
+    READ_TIMEOUT_S of opening (uvicorn times out only idle kept-alive connections), so stalled or trickling
+    clients cannot pile up; together with MAX_CONNECTIONS they cost a socket for seconds, never a slot."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.loop.call_later(READ_TIMEOUT_S, self._close_if_no_request)
+
+    def _close_if_no_request(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():  # no request head has arrived
+            self.transport.close()
+
+
+def uvicorn_config(app, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=TimelyH11,
+                          timeout_keep_alive=int(READ_TIMEOUT_S), limit_concurrency=MAX_CONNECTIONS)
+
+
 class ServerThread:
     """uvicorn serving `app` on a thread at 127.0.0.1 (a free port unless given): tests and `bench serve`."""
 
@@ -320,7 +346,7 @@ class ServerThread:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -360,8 +386,7 @@ def main(argv=None):
     app = create_app(batcher, tokenizer, args.name or config.run_name, args.api_key)
     print(f"serving {config.run_name} on http://{args.host}:{args.port} ({args.slots} slots)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=10,
-                    limit_concurrency=256)
+        uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()
     finally:
         batcher.close()
 

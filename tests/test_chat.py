@@ -1,14 +1,9 @@
-import json
-import threading
-import urllib.error
-import urllib.request
-
 import jax
 import pytest
 from flax import nnx
 
 from helpers import micro_config
-from nanojax import chat_cli, chat_web
+from nanojax import chat_cli
 from nanojax.chat_session import ChatSession
 from nanojax.model import GPT
 from nanojax.tokenizer import Tokenizer
@@ -69,29 +64,15 @@ def test_stream_equals_greedy_engine_output(model, tokenizer):
     assert session.finish_reason == ("stop" if len(tokens) < 12 else "length")
 
 
-def test_web_api_streams_and_validates(model, tokenizer):
-    server = chat_web.serve(ChatSession(model, tokenizer), port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        assert json.load(urllib.request.urlopen(base + "/health", timeout=30))["status"] == "ok"
-        assert b"nanojax chat" in urllib.request.urlopen(base + "/", timeout=30).read()
-        body = json.dumps({"messages": _chat(1), "temperature": 0.0, "max_tokens": 8}).encode()
-        req = urllib.request.Request(base + "/chat/completions", body, {"Content-Type": "application/json"})
-        events = [json.loads(line[6:]) for line in urllib.request.urlopen(req, timeout=60).read().decode().split("\n")
-                  if line.startswith("data: ")]
-        assert events[-1] == {"done": True}
-        assert all("token" in e for e in events[:-1])
-        for bad, field in [({"messages": []}, "'messages'"), ({"messages": _chat(1), "top_k": 500}, "'top_k'"),
-                           ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role")]:
-            req = urllib.request.Request(base + "/chat/completions", json.dumps(bad).encode())
-            with pytest.raises(urllib.error.HTTPError) as e:
-                urllib.request.urlopen(req, timeout=30)
-            assert e.value.code == 400 and field in json.load(e.value)["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_default_reply_budget_fits_the_context_and_an_explicit_overflow_names_the_numbers(model, tokenizer):
+    # the model's context is 64 tokens: the old default of 512 never fit
+    session = ChatSession(model, tokenizer)
+    ids, dropped, budget = session.plan(_chat(1))
+    assert dropped == 0 and budget == 64 - len(ids) and budget >= 1
+    ids, dropped, budget = session.plan(_chat(12))  # too long: the oldest turns make room for a reply of 64 // 8
+    assert dropped > 0 and budget == 64 - len(ids) >= 8
+    with pytest.raises(ValueError, match=r"max_tokens=100 does not fit: the model's context is 64 tokens"):
+        session.plan(_chat(1), 100)
 
 
 def test_cli_single_prompt(model, tokenizer, tmp_path, capsys):

@@ -253,3 +253,46 @@ def test_the_page_in_a_real_browser(stack):
         assert spans == [["tool", "🧮 2+3"], ["tool-out", "= 5"]]
     finally:
         driver.quit()
+
+
+def test_stalled_and_trickling_clients_are_dropped_and_connections_capped(stack, monkeypatch):
+    """Connections that send nothing, half a request head or a body that stops are closed after the read
+    timeout; past the connection cap new clients get 503 at once, and service resumes when the stalled go."""
+    import socket
+
+    monkeypatch.setattr(serve, "READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 12)
+    server = serve.ServerThread(serve.create_app(stack["batcher"], stack["tok"], "micro-chat"))
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        stalled = []
+        for i in range(12):
+            s = socket.create_connection(("127.0.0.1", port))
+            if i % 3 == 1:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # half a head
+            elif i % 3 == 2:  # a whole head, then a body that stops after 10 of its 100 bytes
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"messages\"")
+            stalled.append(s)
+        time.sleep(0.2)
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 503  # at the cap: refused at once
+        time.sleep(2.0)
+        for s in stalled:
+            s.settimeout(2)
+            data = s.recv(1000)
+            assert data == b"" or data.startswith((b"HTTP/1.1 4", b"HTTP/1.1 503")), data  # closed (4xx/503 first)
+            s.close()
+        t = time.time()
+        assert httpx.post(server.url + "/v1/chat/completions", json=chat_body(), timeout=30).status_code == 200
+        assert time.time() - t < 5
+    finally:
+        server.stop()
+
+
+def test_without_max_tokens_the_reply_takes_what_the_context_leaves(stack):
+    body = chat_body()
+    del body["max_tokens"]
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] <= stack["batcher"].seq_len
