@@ -35,3 +35,26 @@ def micro_config(run_dir=None, *, mesh=(1, 1, 1), steps=4, depth=2):
     c.optim.embedding_lr = 0.05
     c.data.kind = "synthetic"
     return c
+
+
+def random_weights(model, seed: int = 3, scale: float = 0.5):
+    """Every parameter drawn from N(0, scale²), in place: at init the output projections are zero, so every
+    logit ties and greedy decoding tests nothing."""
+    import jax
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(state))))
+    nnx.update(model, jax.tree.map(lambda p: scale * jax.random.normal(next(keys), p.shape, p.dtype), state))
+    return model
+
+
+def micro_chat_model(vocab_size: int, seq_len: int):
+    """The micro config's model at `vocab_size` and `seq_len` with random weights (generation and serving tests)."""
+    from flax import nnx
+
+    from nanojax.model import GPT
+
+    config = micro_config()
+    config.model.vocab_size, config.model.seq_len = vocab_size, seq_len
+    return random_weights(GPT(config.model, rngs=nnx.Rngs(0)))

@@ -3,16 +3,13 @@ and honours its own sampling settings, stop strings, token budget and cancellati
 import queue
 import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from helpers import micro_config
+from helpers import micro_chat_model
 
 from nanojax.batcher import Batcher, Request, sample_rows, wait_idle
 from nanojax.engine import Engine
-from nanojax.model import GPT
 from nanojax.tokenizer import Tokenizer
 
 TEXT = ["the cat sat on the mat and the dog ran after the cat", "one two three four five six seven eight",
@@ -22,13 +19,7 @@ TEXT = ["the cat sat on the mat and the dog ran after the cat", "one two three f
 @pytest.fixture(scope="module")
 def setup():
     tok = Tokenizer.train(TEXT, 300)
-    config = micro_config()
-    with config.unlocked():
-        config.model.vocab_size, config.model.seq_len = tok.vocab_size, 64
-    model = GPT(config.model, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(state))))
-    nnx.update(model, jax.tree.map(lambda p: 0.5 * jax.random.normal(next(keys), p.shape, p.dtype), state))
+    model = micro_chat_model(tok.vocab_size, 64)
     batcher = Batcher(model, tok, slots=4, use_tool=False)
     yield model, tok, batcher
     batcher.close()

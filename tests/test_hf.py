@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import micro_config
+from helpers import micro_config, random_weights
 
 from nanojax import convert, hf
 from nanojax.checkpoint import Checkpointer, load_model
@@ -39,10 +39,7 @@ def exported(tmp_path_factory):
     with config.unlocked():
         config.model.vocab_size, config.model.n_kv_head = tok.vocab_size, 1
         config.data.tokenizer_dir = str(tok.save(root / "tokenizer"))
-    model = GPT(config.model, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-    nnx.update(model, jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape, p.dtype), state))
+    model = random_weights(GPT(config.model, rngs=nnx.Rngs(0)), seed=1, scale=0.3)
     ckptr = Checkpointer(config.run_dir, async_save=False)
     ckptr.save(1, nnx.state(model, nnx.Param), None, None,
                {"step": 1, "config": config.to_dict(), "tokenizer_dir": config.data.tokenizer_dir}, force=True)

@@ -4,14 +4,11 @@ import concurrent.futures
 import json
 import time
 
-import jax
 import pytest
-from flax import nnx
-from helpers import micro_config
+from helpers import micro_chat_model
 
 from nanojax.batcher import Batcher
 from nanojax.engine import Engine
-from nanojax.model import GPT
 from nanojax.tokenizer import Tokenizer
 
 httpx = pytest.importorskip("httpx")
@@ -25,13 +22,7 @@ TEXT = ["the cat sat on the mat and the dog ran after the cat", "one two three f
 @pytest.fixture(scope="module")
 def stack():
     tok = Tokenizer.train(TEXT, 300)
-    config = micro_config()
-    with config.unlocked():
-        config.model.vocab_size, config.model.seq_len = tok.vocab_size, 128
-    model = GPT(config.model, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(state))))
-    nnx.update(model, jax.tree.map(lambda p: 0.5 * jax.random.normal(next(keys), p.shape, p.dtype), state))
+    model = micro_chat_model(tok.vocab_size, 128)
     batcher = Batcher(model, tok, slots=16, use_tool=False)
     server = serve.ServerThread(serve.create_app(batcher, tok, "micro-chat"))
     keyed = serve.ServerThread(serve.create_app(batcher, tok, "micro-chat", api_key="sesame"))
