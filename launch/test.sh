@@ -26,11 +26,19 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 # setuptools' build chatter (editable-install notices) goes to a log that is shown only if the install fails
 .venv/bin/python -m pip install --quiet -e '.[test]' > .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
-# torch (nanochat parity, Hugging Face export loaded in transformers) only from a local wheel directory
-# (PIP_FIND_LINKS, e.g. a CPU build): PyPI's default torch brings gigabytes of CUDA libraries
+# torch (nanochat parity, Hugging Face export loaded in transformers) only from a wheel in a local wheel directory
+# (PIP_FIND_LINKS, e.g. a CPU build; its dependencies from the index): PyPI's default torch brings gigabytes of CUDA
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/python -m pip install --quiet --no-index torch >> .venv/install.log 2>&1 \
-    || echo "torch: no local wheel (PIP_FIND_LINKS); the tests that need it will skip"
+  wheel=""
+  for d in ${PIP_FIND_LINKS:-}; do
+    d=${d#file://}
+    [ -d "$d" ] && wheel=$(ls "$d"/torch-*.whl 2>/dev/null | head -n 1) && [ -n "$wheel" ] && break
+  done
+  if [ -n "$wheel" ]; then
+    .venv/bin/python -m pip install --quiet "$wheel" >> .venv/install.log 2>&1 || echo "torch: $wheel did not install"
+  else
+    echo "torch: no local wheel (PIP_FIND_LINKS); the tests that need it will skip"
+  fi
 fi
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
