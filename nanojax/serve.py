@@ -340,12 +340,7 @@ class ServerThread:
     """uvicorn serving `app` on a thread at 127.0.0.1 (a free port unless given): tests and `bench serve`."""
 
     def __init__(self, app, port: int = 0):
-        import socket
-
-        if not port:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+        port = port or self.free_port()
         self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -355,6 +350,14 @@ class ServerThread:
                 raise RuntimeError(f"the server did not start on 127.0.0.1:{port}")
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{port}"
+
+    @staticmethod
+    def free_port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -287,3 +287,52 @@ def test_without_max_tokens_the_reply_takes_what_the_context_leaves(stack):
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert usage["total_tokens"] <= stack["batcher"].seq_len
+
+
+def test_the_command_serves_a_saved_run_to_curl(stack, tmp_path):
+    """`python -m nanojax.serve RUN_DIR --port P` on a run written to disk, asked by curl (or httpx without it)."""
+    import json as jsonlib
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from flax import nnx
+    from helpers import ROOT, micro_config
+
+    from nanojax.checkpoint import Checkpointer
+
+    config = micro_config(tmp_path / "run")
+    config.model.vocab_size, config.model.seq_len = stack["tok"].vocab_size, 128
+    config.data.tokenizer_dir = str(stack["tok"].save(tmp_path / "tokenizer"))
+    ckptr = Checkpointer(config.run_dir, async_save=False)
+    ckptr.save(1, nnx.state(stack["model"], nnx.Param), None, None,
+               {"step": 1, "config": config.to_dict(), "tokenizer_dir": config.data.tokenizer_dir}, force=True)
+    ckptr.close()
+    port = serve.ServerThread.free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanojax.serve", config.run_dir, "--port", str(port), "--slots",
+                             "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            time.sleep(0.3)
+        body = jsonlib.dumps(chat_body())
+        if shutil.which("curl"):
+            out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v1/chat/completions", "-H",
+                                  "Content-Type: application/json", "-d", body], capture_output=True, text=True,
+                                 timeout=60).stdout
+        else:
+            out = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=body, timeout=60).text
+        reply = jsonlib.loads(out)
+        assert reply["model"] == "micro"
+        assert reply["choices"][0]["message"]["content"] == greedy_reply(stack, "the cat")[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
