@@ -241,7 +241,7 @@ def test_the_page_in_a_real_browser(stack):
             "const d = document.createElement('div');"
             "render(d, 'Sum: <|python_start|>2+3<|python_end|><|output_start|>5<|output_end|> so 5.');"
             "return [...d.children].map(c => [c.className, c.textContent]);")
-        assert spans == [["tool", "🧮 2+3"], ["tool-out", "= 5"]]
+        assert spans == [["tool", "calc: 2+3"], ["tool-out", "= 5"]]
     finally:
         driver.quit()
 
