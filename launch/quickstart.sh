@@ -92,3 +92,5 @@ echo "== 7/7 chat (a 7M-parameter model after minutes on a CPU: expect the assis
 "$py" -m nanojax.chat_cli "$home/runs/tiny_chat" -p "What is 12 times 7?" --max-tokens 64
 echo "done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s: runs in $home/runs;" \
   "report card: python -m nanojax.report $home/runs/tiny $home/runs/tiny_chat"
+echo "serve it (OpenAI API + chat page at http://127.0.0.1:8000/; pip install -e '.[serve]'):" \
+  "python -m nanojax.serve $home/runs/tiny_chat --port 8000"
