@@ -31,11 +31,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nanojax import evaluate as ev
 from nanojax.config import default_config
 from nanojax.engine import Engine, generate_naive
 from nanojax.model import GPT
-from nanojax.tasks.registry import eval_task
 from nanojax.tokenizer import Tokenizer
 
 
@@ -118,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def eval_timing(args) -> dict:
+    from nanojax import evaluate as ev  # only this mode needs the tasks (and their hub client)
+    from nanojax.tasks.registry import eval_task
+
     sources = dict(item.split("=", 1) for item in args.eval_timing.split(",") if item)
     tasks = {name: eval_task(name, sources) for name in sources}
     texts = []

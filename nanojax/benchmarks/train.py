@@ -7,6 +7,7 @@ Synthetic data (no I/O), real optimizer, the same jitted step as `nanojax.train`
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import time
@@ -18,12 +19,15 @@ from ml_collections import config_flags
 
 from nanojax import config as cfglib
 from nanojax import sharding as shd
+from nanojax.config import ModelConfig
 from nanojax.data.synthetic import SyntheticIterator
+from nanojax.model import attention_implementation, resolve_remat
 from nanojax.train import TrainState, setup_jax, stack_micro_batches
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
 flags.DEFINE_string("record", "", "append the result as a markdown table row to this file")
+flags.DEFINE_bool("json", False, "also print the result as one JSON line (launch/device_check.sh reads it)")
 flags.DEFINE_bool("compile_only", False, "lower + compile on abstract arrays (no allocation, nothing runs): "
                   "compile time and XLA's per-device memory for configs too big for this machine")
 FLAGS = flags.FLAGS
@@ -51,6 +55,13 @@ def peak_bytes(compiled):
             + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
 
 
+def choices(config, dtype) -> dict:
+    """What `auto` resolved to: the attention implementation and the remat policy."""
+    m = ModelConfig.of(config.model)
+    impl = attention_implementation(m.attention_impl, dtype, m.n_head, m.n_kv_head, m.head_dim)
+    return {"attention": impl or "xla", "remat": resolve_remat(m, dtype)}
+
+
 def benchmark(config, steps: int, compile_only: bool = False) -> dict:
     setup_jax()
     mesh = shd.make_mesh(config.mesh)
@@ -67,7 +78,8 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
                 "mesh": dict(mesh.shape), "tokens_per_step": config.train.total_batch_size,
                 "grad_accum": derived.grad_accum_steps, "compute_dtype": str(state.model_dtype),
                 "compile_s": time.time() - t0, "step_s": None, "tokens_per_s": None, "mfu": None,
-                "peak_bytes_per_device": peak_bytes(compiled), "loss": None, "machine": machine()}
+                "peak_bytes_per_device": peak_bytes(compiled), "loss": None, "machine": machine(),
+                **choices(config, state.model_dtype)}
     params = state.init_params()
     opt = state.init_opt_state(params)
     it = SyntheticIterator(batch_size=derived.global_micro_batch, seq_len=config.model.seq_len,
@@ -94,6 +106,7 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
         "compile_s": compile_s, "step_s": dt, "tokens_per_s": tok_s,
         "mfu": derived.mfu(tok_s, jax.devices()[0].device_kind),
         "peak_bytes_per_device": peak, "loss": float(m["loss"]), "machine": machine(),
+        **choices(config, state.model_dtype),
     }
 
 
@@ -115,6 +128,8 @@ def main(argv):
         raise app.UsageError("--config=configs/<name>.py is required")
     r = benchmark(_CONFIG.value, FLAGS.steps, FLAGS.compile_only)
     row = markdown_row(r)
+    if FLAGS.json:
+        print(json.dumps(r))
     print("| date | machine | config | mesh | dtype | compile | step | tokens/s | MFU | peak mem/device |")
     print(row)
     if FLAGS.record:
