@@ -34,7 +34,7 @@ from absl import app, flags
 from nanojax import chips, hlo
 from nanojax import config as cfglib
 from nanojax import sharding as shd
-from nanojax.benchmarks.train import benchmark, peak_bytes  # also defines --config (shared with bench train)
+from nanojax.benchmarks.train import benchmark, peak_bytes  # also defines --config and --json (shared)
 
 flags.DEFINE_string("target", "", "one target: v6e-256, v5e-64, 8xH100, 4x8xH100, cpu")
 flags.DEFINE_string("targets", "", "comma-separated targets (each in its own process)")
@@ -42,7 +42,6 @@ flags.DEFINE_string("mesh", "", "data=…,fsdp=…,tensor=… (default: the conf
 flags.DEFINE_integer("device_batch", 0, "rows per device per micro-step (0: the config's, lowered until it divides)")
 flags.DEFINE_string("remat", "full", "remat policy to plan with (full: what XLA attention needs at d20+)")
 flags.DEFINE_bool("sweep", False, "rank meshes x device batches that fit the target")
-flags.DEFINE_bool("json", False, "print JSON lines only")
 flags.DEFINE_bool("measure", False, "target=cpu: also run real steps here and print measured vs predicted")
 FLAGS = flags.FLAGS
 _CHILD = "NANOJAX_PLAN_CHILD"
