@@ -84,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.init_from_step = -1  # -1: latest
     t.init_optimizer_state = False  # also load the optimizer state from init_from
     t.stop_after_steps = -1  # stop (with a checkpoint) after this many steps of this process; for tests
+    t.profile = ""  # "START:STOP": a jax.profiler trace of those steps under <run>/profile (nanojax.profiling)
     t.loggers = "jsonl"  # metrics sinks: jsonl (metrics.jsonl, always) plus tensorboard and/or wandb; nanojax.loggers
     t.wandb_project = "nanojax"
 
@@ -298,6 +299,16 @@ def _one_of(*choices):
     return lambda v: v in choices, "one of " + ", ".join(choices)
 
 
+def _profile_range(v) -> bool:
+    from nanojax.profiling import parse_range  # lazy: profiling imports jax, config stays light
+
+    try:
+        parse_range(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _known_kind(v) -> bool:
     from nanojax.data.kinds import canonical_kind  # kinds imports nothing of nanojax; lazy keeps config light
     canonical_kind(v)  # raises its own message, listing the kinds
@@ -323,6 +334,7 @@ RULES = {
     "train.checkpoint_every": (lambda v: v >= 0, "≥ 0 (0: only the final checkpoint)"),
     "train.max_to_keep": _GE1, "train.init_from_step": (lambda v: v >= -1, "≥ 0, or -1 (latest)"),
     "train.stop_after_steps": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (no early stop)"),
+    "train.profile": (_profile_range, "\"\" or START:STOP with 1 ≤ START ≤ STOP"),
     "optim.embedding_lr": _GE0, "optim.unembedding_lr": _GE0, "optim.matrix_lr": _GE0, "optim.lr_scale": _GE0,
     "optim.weight_decay": _GE0, "optim.adam_eps": _GE0, "optim.adam_b1": _BETA, "optim.adam_b2": _BETA,
     "optim.muon_momentum_start": _BETA, "optim.muon_momentum_end": _BETA,

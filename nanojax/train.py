@@ -31,6 +31,7 @@ from nanojax.data import make_iterator
 from nanojax.loggers import MetricsLoggers, logger_names
 from nanojax.model import GPT, eval_sums
 from nanojax.optim import build_optimizer, current_lrs, muon_momentum
+from nanojax.profiling import StepProfiler
 from nanojax.tokenizer import load_for_config, tokenizer_dir_for
 
 
@@ -404,11 +405,13 @@ def run(config) -> dict:
         if dropped:
             log(f"metrics.jsonl: dropped {dropped} record(s) past step {step}, which runs again")
     reporter = StepReporter(config, derived, log_dir, ckptr.latest_step)
+    profiler = StepProfiler(config.train.profile, log_dir)
     try:
         with StopFlag() as stop:
             step = train_loop(state, params, opt_state, step, it, ckptr, reporter, stop,
-                              lambda at: checkpoint_meta(config, derived, source, tokenizer, at), tokenizer)
+                              lambda at: checkpoint_meta(config, derived, source, tokenizer, at), tokenizer, profiler)
     finally:  # pending async saves of good checkpoints complete even when the run fails
+        profiler.close()
         ckptr.close()
         it.close()
         reporter.close()
@@ -418,7 +421,7 @@ def run(config) -> dict:
 
 
 def train_loop(state: TrainState, params, opt_state, step: int, it, ckptr, reporter: StepReporter,
-               stop: StopFlag, meta, tokenizer) -> int:
+               stop: StopFlag, meta, tokenizer, profiler: StepProfiler | None = None) -> int:
     """Steps until the last iteration or a stop (signal, `train.stop_after_steps`); evaluates and saves on
     schedule, and never checkpoints a state whose loss has not been checked. Returns the step reached."""
     t, total = state.config.train, state.derived.num_iterations
@@ -427,9 +430,13 @@ def train_loop(state: TrainState, params, opt_state, step: int, it, ckptr, repor
         t_data = time.time()
         batch = next_train_batch(it, state)
         wait = time.time() - t_data
+        if profiler:
+            profiler.starting(step + 1)
         params, opt_state, metrics = state.train_step(params, opt_state, batch)
         reporter.dispatched(step, metrics, wait)
         step, steps_this_run = step + 1, steps_this_run + 1
+        if profiler:
+            profiler.done(step, metrics)
         if t.eval_every and (step % t.eval_every == 0 or step == total):
             reporter.flush()
             reporter.evaluation(step, validation_metrics(state, params, tokenizer))

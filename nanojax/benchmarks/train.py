@@ -18,15 +18,19 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from nanojax import config as cfglib
+from nanojax import paths
 from nanojax import sharding as shd
 from nanojax.config import ModelConfig
 from nanojax.data.synthetic import SyntheticIterator
 from nanojax.model import attention_implementation, resolve_remat
+from nanojax.profiling import StepProfiler, parse_range
 from nanojax.train import TrainState, setup_jax, stack_micro_batches
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
 flags.DEFINE_string("record", "", "append the result as a markdown table row to this file")
+flags.DEFINE_string("profile", "", "START:STOP: after timing, trace those steps (jax.profiler) under "
+                    "$NANOJAX_HOME/bench/<run_name>/profile")
 flags.DEFINE_bool("json", False, "also print the result as one JSON line (launch/device_check.sh reads it)")
 flags.DEFINE_bool("compile_only", False, "lower + compile on abstract arrays (no allocation, nothing runs): "
                   "compile time and XLA's per-device memory for configs too big for this machine")
@@ -62,7 +66,7 @@ def choices(config, dtype) -> dict:
     return {"attention": impl or "xla", "remat": resolve_remat(m, dtype)}
 
 
-def benchmark(config, steps: int, compile_only: bool = False) -> dict:
+def benchmark(config, steps: int, compile_only: bool = False, profile: str = "") -> dict:
     setup_jax()
     mesh = shd.make_mesh(config.mesh)
     derived = cfglib.derive(config, mesh.size)
@@ -98,6 +102,12 @@ def benchmark(config, steps: int, compile_only: bool = False) -> dict:
         params, opt, m = compiled(params, opt, batch)
     jax.block_until_ready(m)
     dt = (time.time() - t0) / steps
+    if profile:  # after the timing, which the trace would disturb: steps 1..STOP again, START..STOP traced
+        profiler = StepProfiler(profile, str(paths.home() / "bench" / config.run_name))
+        for i in range(1, profiler.range[1] + 1):
+            profiler.starting(i)
+            params, opt, m = compiled(params, opt, batch)
+            profiler.done(i, m)
     tok_s = config.train.total_batch_size / dt
     return {
         "config": config.run_name, "params": derived.num_params, "devices": mesh.size,
@@ -126,7 +136,8 @@ def main(argv):
     del argv
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<name>.py is required")
-    r = benchmark(_CONFIG.value, FLAGS.steps, FLAGS.compile_only)
+    parse_range(FLAGS.profile)  # a bad range fails now, not after the timing
+    r = benchmark(_CONFIG.value, FLAGS.steps, FLAGS.compile_only, FLAGS.profile)
     row = markdown_row(r)
     if FLAGS.json:
         print(json.dumps(r))
