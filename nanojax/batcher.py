@@ -16,10 +16,10 @@ of a stop string.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import queue
 import threading
-import time
 from functools import partial
 from typing import Callable
 
@@ -98,10 +98,13 @@ class Request:
 
 
 class _Slot:
-    """A request in a slot: its tokens so far, the text already emitted, the tool state."""
+    """A request in a slot: its tokens, their text so far (decoded one token at a time: a character cut
+    between tokens waits in the decoder, as `Tokenizer.decode` would replace it only at the very end), the
+    text already emitted, the tool state."""
 
     def __init__(self, request: Request):
-        self.request, self.tokens, self.shown, self.tool = request, [], "", ToolRow()
+        self.request, self.tokens, self.text, self.shown, self.tool = request, [], "", "", ToolRow()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 # -- the device thread --------------------------------------------------------------------------------
@@ -209,17 +212,17 @@ class Batcher:
         row.tokens.append(tok)
         self.engine.tool(row.tool, tok)
         self.next_input[i] = tok  # the model reads every token the reply holds, forced or sampled
-        text = self.tokenizer.decode(row.tokens)
+        row.text += row.decoder.decode(self.tokenizer.encoding.decode_single_token_bytes(tok))
+        text = row.text
         found = [p for p in (text.find(s, max(0, len(row.shown) - len(s) + 1)) for s in request.stop) if p >= 0]
         cut = min(found, default=-1)
         if cut >= 0:
             self._emit_text(row, text[:cut])
             return self._finish(i, "stop")
-        if not text.endswith("\ufffd"):
-            held = max((_partial_stop(text, s) for s in request.stop), default=0)
-            self._emit_text(row, text[:len(text) - held])
+        held = max((_partial_stop(text, s) for s in request.stop), default=0)
+        self._emit_text(row, text[:len(text) - held])
         if len(row.tokens) >= request.max_tokens or len(request.prompt) + len(row.tokens) >= self.seq_len:
-            self._emit_text(row, text)
+            self._emit_text(row, text + row.decoder.decode(b"", final=True))  # a cut last character: U+FFFD
             self._finish(i, "length")
 
     def _emit_text(self, row: _Slot, text: str) -> None:
@@ -239,10 +242,3 @@ def _partial_stop(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
-
-
-def wait_idle(batcher: Batcher, timeout: float = 30.0) -> None:
-    """Until no request is active or waiting (tests and benchmarks)."""
-    deadline = time.time() + timeout
-    while (batcher.load()["active"] or batcher.load()["waiting"]) and time.time() < deadline:
-        time.sleep(0.01)

@@ -5,6 +5,9 @@ from nanojax import config
 from nanojax.config import default_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# a few repeated sentences: enough for a 300-token BPE, the generation and serving tests' tokenizer
+CHAT_TEXT = ["the cat sat on the mat and the dog ran after the cat", "one two three four five six seven eight",
+             "to be or not to be that is the question"] * 30
 
 
 def load_config_file(name: str):

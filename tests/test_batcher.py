@@ -2,23 +2,22 @@
 and honours its own sampling settings, stop strings, token budget and cancellation."""
 import queue
 import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import micro_chat_model
+from helpers import CHAT_TEXT, micro_chat_model
 
-from nanojax.batcher import Batcher, Request, sample_rows, wait_idle
+from nanojax.batcher import Batcher, Request, sample_rows
 from nanojax.engine import Engine
 from nanojax.tokenizer import Tokenizer
 
-TEXT = ["the cat sat on the mat and the dog ran after the cat", "one two three four five six seven eight",
-        "to be or not to be that is the question"] * 30
 
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = Tokenizer.train(TEXT, 300)
+    tok = Tokenizer.train(CHAT_TEXT, 300)
     model = micro_chat_model(tok.vocab_size, 64)
     batcher = Batcher(model, tok, slots=4, use_tool=False)
     yield model, tok, batcher
@@ -48,8 +47,14 @@ def run(batcher, prompts, **kwargs):
     return results
 
 
+def wait_idle(batcher, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while (batcher.load()["active"] or batcher.load()["waiting"]) and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def prompts(tok, n):
-    return [[tok.bos_token_id] + tok.encode(TEXT[i % 3])[: 3 + i] for i in range(n)]
+    return [[tok.bos_token_id] + tok.encode(CHAT_TEXT[i % 3])[: 3 + i] for i in range(n)]
 
 
 def test_alone_equals_the_engine_and_equals_in_a_crowd(setup):

@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from helpers import micro_chat_model
+from helpers import CHAT_TEXT, micro_chat_model
 
 from nanojax.batcher import Batcher
 from nanojax.engine import Engine
@@ -15,13 +15,11 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 serve = pytest.importorskip("nanojax.serve")
 
-TEXT = ["the cat sat on the mat and the dog ran after the cat", "one two three four five six seven eight",
-        "to be or not to be that is the question"] * 30
 
 
 @pytest.fixture(scope="module")
 def stack():
-    tok = Tokenizer.train(TEXT, 300)
+    tok = Tokenizer.train(CHAT_TEXT, 300)
     model = micro_chat_model(tok.vocab_size, 128)
     batcher = Batcher(model, tok, slots=16, use_tool=False)
     server = serve.ServerThread(serve.create_app(batcher, tok, "micro-chat"))
@@ -82,7 +80,7 @@ def test_stream_equals_non_stream_and_reports_usage(stack):
 
 
 def test_sixteen_concurrent_streams_batch_and_each_is_right(stack):
-    prompts = [f"{TEXT[i % 3][: 10 + i]}" for i in range(16)]
+    prompts = [f"{CHAT_TEXT[i % 3][: 10 + i]}" for i in range(16)]
     expected = [greedy_reply(stack, p)[0] for p in prompts]
     steps_before = stack["batcher"].steps
 
