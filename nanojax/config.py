@@ -50,10 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
     m.softcap = 15.0
     m.mlp_ratio = 4
     m.scan_layers = True  # nnx.scan over stacked layers (False: a Python loop, same numbers)
-    # none | full | dots (save matmul outputs, recompute the rest) | auto: none on CPU or with cuDNN flash
-    # attention; full where attention is XLA's on an accelerator (it stores B·H·T² scores per layer: d20 needs it)
+    # none | full | dots (save matmul outputs, recompute the rest) | auto: none on CPU; on an accelerator the
+    # cheapest of none, dots, full whose compiled step fits the device's memory (XLA's analysis: nanojax.remat)
     m.remat = "auto"
-    m.attention_impl = "auto"  # auto | xla | cudnn
+    m.attention_impl = "auto"  # auto | xla | cudnn (GPU) | splash (TPU; interpreted elsewhere): nanojax.attention
     m.compute_dtype = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
     m.param_dtype = "float32"
     m.loss_chunk_size = 128  # positions per row per loss chunk: float32 logits exist for B×128×V at a time
@@ -322,7 +322,8 @@ RULES = {
     "model.seq_len": _GE1, "model.mlp_ratio": _GE1, "model.loss_chunk_size": _GE1,
     "model.width": _AUTO, "model.n_head": _AUTO, "model.n_kv_head": _AUTO,
     "model.rope_base": _GT0, "model.softcap": _GT0,
-    "model.remat": _one_of("auto", "none", "full", "dots"), "model.attention_impl": _one_of("auto", "xla", "cudnn"),
+    "model.remat": _one_of("auto", "none", "full", "dots"),
+    "model.attention_impl": _one_of("auto", "xla", "cudnn", "splash"),
     "model.compute_dtype": _one_of("auto", *_DTYPES), "model.param_dtype": _one_of(*_DTYPES),
     **dict.fromkeys(("mesh.data", "mesh.fsdp", "mesh.tensor"), (_AUTO[0], "≥ 1, or -1 (the rest of the devices)")),
     "mesh.num_devices": (_AUTO[0], "≥ 1, or -1 (every device)"),

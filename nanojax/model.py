@@ -13,15 +13,14 @@ Shape letters in names (`x_BTD`) are defined once, in `nanojax.config.ModelConfi
 """
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nanojax.attention import ACT_HEADS, ACT_KV_HEADS, attention_implementation, cached_attention, causal_attention
 from nanojax.config import ModelConfig
 from nanojax.sharding import constrain
 
@@ -29,8 +28,6 @@ Dtype = jnp.dtype
 
 # logical axes of activations (the batch is split over data × fsdp; heads / MLP hidden over tensor)
 ACT = ("batch", None, None)
-ACT_HEADS = ("batch", None, "heads", None)
-ACT_KV_HEADS = ("batch", None, "kv_heads", None)
 ACT_MLP = ("batch", None, "mlp")
 
 
@@ -114,70 +111,18 @@ def _write_rows(c_LBKSE: jax.Array, layer, new_BTKE: jax.Array, pos_B: jax.Array
     return jax.lax.dynamic_update_index_in_dim(c_LBKSE, layer_BKSE, layer, 0)
 
 
-# -- attention -----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _cudnn_attention_works(dtype_name: str, n_head: int, n_kv_head: int, head_dim: int) -> bool:
-    """Compile a small causal cuDNN attention once: old cuDNN/driver or unsupported shapes fall back to XLA."""
-    try:
-        q = jax.ShapeDtypeStruct((1, 128, n_head, head_dim), jnp.dtype(dtype_name))
-        kv = jax.ShapeDtypeStruct((1, 128, n_kv_head, head_dim), jnp.dtype(dtype_name))
-        fn = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
-        jax.jit(jax.grad(lambda a, b, c: fn(a, b, c).astype(jnp.float32).sum(), argnums=(0, 1, 2))).lower(
-            q, kv, kv).compile()
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure means "use the portable path"
-        warnings.warn(f"cuDNN attention unavailable ({type(e).__name__}: {str(e)[:200]}); using XLA's attention "
-                      f"(more memory: consider --config.model.remat=full)", stacklevel=2)
-        return False
-
-
-def attention_implementation(name: str, dtype: Dtype, n_head: int = 1, n_kv_head: int = 1,
-                             head_dim: int = 128) -> str | None:
-    """'auto': cuDNN flash attention on GPU in 16-bit when it compiles there, XLA's reference otherwise."""
-    if name == "auto":
-        if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 and \
-                _cudnn_attention_works(jnp.dtype(dtype).name, n_head, n_kv_head, head_dim):
-            return "cudnn"
-        return None
-    if name not in ("xla", "cudnn"):
-        raise ValueError(f"model.attention_impl={name!r}: expected auto, xla or cudnn")
-    return None if name == "xla" else name
-
-
+# -- remat ---------------------------------------------------------------------------------------------
 def resolve_remat(cfg: ModelConfig, dtype: Dtype) -> str:
-    """'auto': recompute whole blocks only where attention is XLA's on an accelerator (its T² scores would
-    otherwise be stored for every layer: ~350 GiB/device for d20 at batch 32, 29 GiB with full remat)."""
+    """The policy for `auto` when nothing measured it (training and `bench train` replace `auto` with the
+    cheapest policy that fits, from XLA's memory analysis: `nanojax.remat`): recompute whole blocks only where
+    attention is XLA's on an accelerator (its T² scores would otherwise be stored for every layer: ~350
+    GiB/device for d20 at batch 32, 29 GiB with full remat)."""
     if cfg.remat != "auto":
         return cfg.remat
     if jax.default_backend() == "cpu":
         return "none"
-    impl = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, cfg.head_dim)
-    return "none" if impl == "cudnn" else "full"
-
-
-def causal_attention(q_BTHE, k_BTKE, v_BTKE, window: int | None, implementation: str | None) -> jax.Array:
-    """Queries and keys are the same T positions: the fused kernel (cuDNN on GPU) or XLA's reference."""
-    return jax.nn.dot_product_attention(
-        q_BTHE, k_BTKE, v_BTKE, scale=1.0 / math.sqrt(q_BTHE.shape[-1]), is_causal=True,
-        local_window_size=None if window is None else (window, 0), implementation=implementation)
-
-
-def cached_attention(q_BTHE, k_BKSE, v_BKSE, pos_BT, window: int | None) -> jax.Array:
-    """Queries at pos_BT against a row's cache slots: slot s is visible to query t when
-    pos_BT[b, t] − window <= s <= pos_BT[b, t] (padding past a row's end is never attended)."""
-    B, T, H, E = q_BTHE.shape
-    K, S = k_BKSE.shape[1], k_BKSE.shape[2]
-    slot_S = jnp.arange(S)
-    visible_BTS = slot_S[None, None, :] <= pos_BT[:, :, None]
-    if window is not None:
-        visible_BTS &= slot_S[None, None, :] >= pos_BT[:, :, None] - window
-    dtype = q_BTHE.dtype
-    q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
-    att_BKGTS = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE.astype(dtype), preferred_element_type=jnp.float32)
-    att_BKGTS = jnp.where(visible_BTS[:, None, None], att_BKGTS / math.sqrt(E), -jnp.inf)
-    att_BKGTS = jax.nn.softmax(att_BKGTS, axis=-1).astype(dtype)
-    y_BKGTE = jnp.einsum("bkgts,bkse->bkgte", att_BKGTS, v_BKSE.astype(dtype))
-    return y_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+    impl = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.seq_len)
+    return "full" if impl == "xla" else "none"
 
 
 # -- layers --------------------------------------------------------------------------------------------
@@ -211,7 +156,8 @@ class Attention(nnx.Module):
         self.c_k = Dense(d, cfg.n_kv_head * E, ("embed", "kv_heads"), **kw)
         self.c_v = Dense(d, cfg.n_kv_head * E, ("embed", "kv_heads"), **kw)
         self.c_proj = Dense(cfg.n_head * E, d, ("heads", "embed"), zero_init=True, **kw)
-        self.implementation = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, E)
+        self.implementation = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, E,
+                                                      cfg.seq_len)
 
     def __call__(self, x_BTD, at: Positions, *, window: int | None = None, cache: KVCache | None = None,
                  layer=0) -> tuple[jax.Array, KVCache | None]:

@@ -32,6 +32,7 @@ from nanojax.loggers import MetricsLoggers, logger_names
 from nanojax.model import GPT, eval_sums
 from nanojax.optim import build_optimizer, current_lrs, muon_momentum
 from nanojax.profiling import StepProfiler
+from nanojax.remat import choose_remat, peak_bytes
 from nanojax.tokenizer import load_for_config, tokenizer_dir_for
 
 
@@ -134,6 +135,19 @@ class TrainState:
 
     def model(self, params) -> GPT:
         return nnx.merge(self.graphdef, params)
+
+    def compile_abstract(self):
+        """The train step lowered and compiled on abstract arrays (nothing allocated): compile time and XLA's
+        memory analysis for shapes too big to run here, and `model.remat=auto`'s measurement."""
+        shape = (self.derived.grad_accum_steps, self.derived.global_micro_batch, self.config.model.seq_len)
+        tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=self.batch_sharding)
+        return self.train_step.lower(self.abstract_params, self.abstract_opt,
+                                     {"inputs": tokens, "targets": tokens}).compile()
+
+
+def measure_remat(config, mesh, derived) -> str:
+    """`model.remat=auto` → the cheapest policy whose compiled step fits the device (nanojax.remat)."""
+    return choose_remat(config, lambda c: peak_bytes(TrainState(c, mesh, derived).compile_abstract()))
 
 
 # -- state restored or initialised ------------------------------------------------------------------
@@ -384,6 +398,7 @@ def run(config) -> dict:
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
     log_dir = local_log_dir(run_dir, config)
     tokenizer = load_for_config(config)
+    measure_remat(config, mesh, derived)
     state = TrainState(config, mesh, derived)
     ckptr = ckpt.Checkpointer(run_dir, config.train.max_to_keep, config.train.async_checkpointing)
     t0 = time.time()

@@ -6,7 +6,8 @@ from flax import nnx
 
 from helpers import micro_config
 from nanojax import sharding as shd
-from nanojax.model import GPT, KVCache, apply_rope, cached_attention, causal_attention
+from nanojax.attention import cached_attention, causal_attention
+from nanojax.model import GPT, KVCache, apply_rope
 
 
 def mean_loss(model, tokens_BT, targets_BT):
@@ -243,7 +244,7 @@ def test_sliding_window_attention_cached_equals_uncached(window):
     kr, vr = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
     s = jnp.einsum("bthe,bshe->bhts", q, kr) / np.sqrt(E)
     want = jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), -1), vr)
-    fused = causal_attention(q, k, v, window, None)
+    fused = causal_attention(q, k, v, window, "xla")
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cached = cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos, window)
     np.testing.assert_allclose(np.asarray(fused), np.asarray(want), atol=1e-5, rtol=1e-5)

@@ -34,7 +34,8 @@ from absl import app, flags
 from nanojax import chips, hlo
 from nanojax import config as cfglib
 from nanojax import sharding as shd
-from nanojax.benchmarks.train import benchmark, peak_bytes  # also defines --config and --json (shared)
+from nanojax.benchmarks.train import benchmark  # also defines --config and --json (shared)
+from nanojax.remat import peak_bytes
 
 flags.DEFINE_string("target", "", "one target: v6e-256, v5e-64, 8xH100, 4x8xH100, cpu")
 flags.DEFINE_string("targets", "", "comma-separated targets (each in its own process)")

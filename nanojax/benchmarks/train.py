@@ -13,7 +13,6 @@ import platform
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -22,9 +21,11 @@ from nanojax import paths
 from nanojax import sharding as shd
 from nanojax.config import ModelConfig
 from nanojax.data.synthetic import SyntheticIterator
-from nanojax.model import attention_implementation, resolve_remat
+from nanojax.attention import attention_implementation
+from nanojax.model import resolve_remat
 from nanojax.profiling import StepProfiler, parse_range
-from nanojax.train import TrainState, setup_jax, stack_micro_batches
+from nanojax.remat import peak_bytes
+from nanojax.train import TrainState, measure_remat, setup_jax, stack_micro_batches
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
@@ -50,20 +51,11 @@ def machine() -> str:
     return f"{jax.device_count()}× {dev.device_kind}"
 
 
-def peak_bytes(compiled):
-    """XLA's per-device figure: arguments + temporaries + outputs, less what is aliased (donated)."""
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return None
-    return (getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
-            + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
-
-
 def choices(config, dtype) -> dict:
     """What `auto` resolved to: the attention implementation and the remat policy."""
     m = ModelConfig.of(config.model)
-    impl = attention_implementation(m.attention_impl, dtype, m.n_head, m.n_kv_head, m.head_dim)
-    return {"attention": impl or "xla", "remat": resolve_remat(m, dtype)}
+    impl = attention_implementation(m.attention_impl, dtype, m.n_head, m.n_kv_head, m.head_dim, m.seq_len)
+    return {"attention": impl, "remat": resolve_remat(m, dtype)}
 
 
 def benchmark(config, steps: int, compile_only: bool = False, profile: str = "") -> dict:
@@ -71,13 +63,12 @@ def benchmark(config, steps: int, compile_only: bool = False, profile: str = "")
     mesh = shd.make_mesh(config.mesh)
     derived = cfglib.derive(config, mesh.size)
     print(derived.summary(), flush=True)
+    if not compile_only:  # compile-only keeps the fixed fallback rule: one compile, for configs too big to run
+        measure_remat(config, mesh, derived)
     state = TrainState(config, mesh, derived)
     if compile_only:
-        shape = (derived.grad_accum_steps, derived.global_micro_batch, config.model.seq_len)
-        sds = jax.ShapeDtypeStruct(shape, np.int32, sharding=state.batch_sharding)
         t0 = time.time()
-        compiled = state.train_step.lower(state.abstract_params, state.abstract_opt,
-                                          {"inputs": sds, "targets": sds}).compile()
+        compiled = state.compile_abstract()
         return {"config": config.run_name, "params": derived.num_params, "devices": mesh.size,
                 "mesh": dict(mesh.shape), "tokens_per_step": config.train.total_batch_size,
                 "grad_accum": derived.grad_accum_steps, "compute_dtype": str(state.model_dtype),
