@@ -56,7 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
     m.attention_impl = "auto"  # auto | xla | cudnn (GPU) | splash (TPU; interpreted elsewhere): nanojax.attention
     m.compute_dtype = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
     m.param_dtype = "float32"
-    m.loss_chunk_size = 128  # positions per row per loss chunk: float32 logits exist for B×128×V at a time
+    # positions per row per loss chunk (float32 logits exist for B×P×V at a time, recomputed in the backward);
+    # 0: auto, the whole sequence when a device's logits fit 256 MiB (no recompute), else 128
+    m.loss_chunk_size = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
@@ -319,7 +321,7 @@ def _known_kind(v) -> bool:
 RULES = {
     "run_name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
     "model.depth": _GE1, "model.aspect_ratio": _GE1, "model.head_dim": _GE1, "model.vocab_size": _GE1,
-    "model.seq_len": _GE1, "model.mlp_ratio": _GE1, "model.loss_chunk_size": _GE1,
+    "model.seq_len": _GE1, "model.mlp_ratio": _GE1, "model.loss_chunk_size": _GE0,
     "model.width": _AUTO, "model.n_head": _AUTO, "model.n_kv_head": _AUTO,
     "model.rope_base": _GT0, "model.softcap": _GT0,
     "model.remat": _one_of("auto", "none", "full", "dots"),

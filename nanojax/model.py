@@ -13,16 +13,18 @@ Shape letters in names (`x_BTD`) are defined once, in `nanojax.config.ModelConfi
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from nanojax.attention import ACT_HEADS, ACT_KV_HEADS, attention_implementation, cached_attention, causal_attention
 from nanojax.config import ModelConfig
-from nanojax.sharding import constrain
+from nanojax.sharding import constrain, logical_to_spec
 
 Dtype = jnp.dtype
 
@@ -125,6 +127,38 @@ def resolve_remat(cfg: ModelConfig, dtype: Dtype) -> str:
     return "full" if impl == "xla" else "none"
 
 
+# -- the one matmul of every weight -------------------------------------------------------------------------
+def linear(x_ND: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
+    """x @ w over x's last axis (any leading axes), optionally accumulated and returned in `out_dtype`; the
+    output is tagged "linear" so that the `dots` remat policy keeps it."""
+    return checkpoint_name(_linear(x_ND, w_DF, out_dtype), "linear")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x_ND, w_DF, out_dtype):
+    """Its gradient is written out (dx = g·wᵀ, dw = xᵀ·g contracting every leading axis) because autodiff's
+    generic transpose of `dot_general` ends in a transpose that XLA's CPU backend folds into its operands: a
+    copy of the (tokens × vocab) cotangent and a strided matmul, 2.4× slower for the lm_head's backward."""
+    return jnp.dot(x_ND, w_DF, preferred_element_type=out_dtype)
+
+
+def _linear_fwd(x_ND, w_DF, out_dtype):
+    return jnp.dot(x_ND, w_DF, preferred_element_type=out_dtype), (x_ND, w_DF)
+
+
+def _linear_bwd(out_dtype, res, g_NF):
+    x_ND, w_DF = res
+    lead = tuple(range(x_ND.ndim - 1))
+    dx_ND = jax.lax.dot_general(g_NF.astype(w_DF.dtype), w_DF, (((g_NF.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+    dw_DF = jax.lax.dot_general(x_ND, g_NF.astype(x_ND.dtype), ((lead, lead), ((), ())),
+                                preferred_element_type=jnp.float32)
+    return dx_ND.astype(x_ND.dtype), dw_DF.astype(w_DF.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 # -- layers --------------------------------------------------------------------------------------------
 def linear_std(fan_in: int, fan_out: int) -> float:
     """nanochat launch init for every Linear: 1/√fan_in · min(1, √(fan_out/fan_in))."""
@@ -144,7 +178,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return linear(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class Attention(nnx.Module):
@@ -201,9 +235,13 @@ class Block(nnx.Module):
         return constrain(x_BTD + self.mlp(rms_norm(x_BTD)), ACT), cache
 
 
+LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits per device kept whole for the backward (loss_chunk_size=0)
+
 _REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(  # weight matmuls (`linear`) and any other
+        jax.checkpoint_policies.save_only_these_names("linear"),  # batch-free dot
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 
@@ -275,7 +313,7 @@ class GPT(nnx.Module):
 
     def logits(self, h_ND: jax.Array) -> jax.Array:
         """lm_head then the float32 softcap 15·tanh(x/15)."""
-        z_NV = jnp.dot(h_ND, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        z_NV = linear(h_ND, self.lm_head[...].astype(self.dtype), jnp.float32)
         cap = self.cfg.softcap
         return cap * jnp.tanh(z_NV.astype(jnp.float32) / cap)
 
@@ -289,35 +327,49 @@ class GPT(nnx.Module):
     def token_losses(self, tokens_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
         """Per-token cross-entropy (nats, float32, shape (B, T)); 0 where the target is −1.
 
-        Logits are computed `loss_chunk_size` positions of every row at a time under a rematerialised scan,
-        so neither pass holds float32 logits for the whole batch (17 GB at d20, 32×2048). Chunks run along
-        the sequence, never the batch: the batch axis stays sharded over the data-parallel devices.
+        Where a device's float32 logits fit `LOGITS_BUDGET` the whole sequence is one chunk, kept for the
+        backward. Otherwise (17 GB at d20, 32×2048) logits are computed `P` positions of every row at a time
+        under a rematerialised scan, so neither pass holds them whole; chunks run along the sequence, never
+        the batch, which stays sharded over the data-parallel devices.
         """
         B, T = tokens_BT.shape
         h_BTD = self.hidden(tokens_BT)
-        P = max(1, min(self.cfg.loss_chunk_size, T))
+        P = self.loss_chunk(B, T)
         pad = (-T) % P
         y_BT = targets_BT
         if pad:
             h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
             y_BT = jnp.pad(y_BT, ((0, 0), (0, pad)), constant_values=-1)
         C = (T + pad) // P
-        h_CBPD = jnp.moveaxis(h_BTD.reshape(B, C, P, -1), 1, 0)
-        y_CBP = jnp.moveaxis(y_BT.reshape(B, C, P), 1, 0)
         head_DV = self.lm_head[...].astype(self.dtype)
         cap = self.cfg.softcap
 
-        @jax.checkpoint
         def chunk_loss(h_BPD, y_BP):
-            z_BPV = jnp.einsum("bpd,dv->bpv", h_BPD, head_DV, preferred_element_type=jnp.float32)
+            z_BPV = linear(h_BPD, head_DV, jnp.float32)
             z_BPV = constrain(z_BPV, ("batch", None, "vocab"))
             z_BPV = cap * jnp.tanh(z_BPV / cap)
             lse_BP = jax.nn.logsumexp(z_BPV, axis=-1)
             picked_BP = jnp.take_along_axis(z_BPV, jnp.maximum(y_BP, 0)[..., None], axis=-1)[..., 0]
             return jnp.where(y_BP >= 0, lse_BP - picked_BP, 0.0)
 
-        _, loss_CBP = jax.lax.scan(lambda c, xs: (c, chunk_loss(*xs)), None, (h_CBPD, y_CBP))
+        if C == 1:
+            return chunk_loss(h_BTD, y_BT)[:, :T]
+        h_CBPD = jnp.moveaxis(h_BTD.reshape(B, C, P, -1), 1, 0)
+        y_CBP = jnp.moveaxis(y_BT.reshape(B, C, P), 1, 0)
+        _, loss_CBP = jax.lax.scan(lambda c, xs: (c, jax.checkpoint(chunk_loss)(*xs)), None, (h_CBPD, y_CBP))
         return jnp.moveaxis(loss_CBP, 0, 1).reshape(B, C * P)[:, :T]
+
+    def loss_chunk(self, B: int, T: int) -> int:
+        """Positions per loss chunk: `model.loss_chunk_size`, or for 0 (auto) the whole sequence when this
+        device's rows of float32 logits fit LOGITS_BUDGET, else 128."""
+        if self.cfg.loss_chunk_size > 0:
+            return max(1, min(self.cfg.loss_chunk_size, T))
+        mesh = jax.sharding.get_abstract_mesh()
+        shards = 1
+        if not mesh.empty:
+            spec = logical_to_spec(("batch",), (B,), mesh)[0]
+            shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
+        return T if (B // shards) * T * self.cfg.vocab_size * 4 <= LOGITS_BUDGET else min(128, T)
 
     def loss(self, tokens_BT: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(sum of per-token losses over counted targets, number of counted targets)."""

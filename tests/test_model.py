@@ -7,7 +7,8 @@ from flax import nnx
 from helpers import micro_config
 from nanojax import sharding as shd
 from nanojax.attention import cached_attention, causal_attention
-from nanojax.model import GPT, KVCache, apply_rope
+from nanojax import model as model_lib
+from nanojax.model import GPT, KVCache, apply_rope, linear
 
 
 def mean_loss(model, tokens_BT, targets_BT):
@@ -78,7 +79,7 @@ def test_ignored_targets_do_not_count():
     assert float(mean_loss(model, x, all_masked)) == 0.0
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 32, 10_000])
+@pytest.mark.parametrize("chunk", [0, 1, 7, 32, 10_000])
 def test_chunked_loss_equals_full_logits(chunk):
     c = micro_config()
     c.model.loss_chunk_size = chunk
@@ -87,6 +88,39 @@ def test_chunked_loss_equals_full_logits(chunk):
     logp = jax.nn.log_softmax(model(x), -1)
     want = -jnp.take_along_axis(logp, y[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(model.token_losses(x, y)), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_chunk_auto_keeps_small_logits_whole_and_chunks_large_ones(monkeypatch):
+    """loss_chunk_size=0: one chunk while a device's float32 logits fit the budget; chunks of 128 beyond it,
+    counting rows per device (the batch is sharded over data × fsdp)."""
+    c = micro_config()
+    c.model.loss_chunk_size = 0
+    model = GPT(c.model, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(model_lib, "LOGITS_BUDGET", 8 * 256 * 256 * 4)  # 8 rows of T 256, vocab 256
+    assert model.loss_chunk(8, 256) == 256
+    assert model.loss_chunk(16, 256) == 128
+    mesh = shd.make_mesh(micro_config(mesh=(2, 1, 1)).mesh)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert model.loss_chunk(16, 256) == 256  # 8 rows on each of the 2 devices
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5)])
+@pytest.mark.parametrize("dtype,out_dtype", [(jnp.float32, None), (jnp.bfloat16, jnp.float32)])
+def test_linear_gradient_equals_autodiff(shape, dtype, out_dtype):
+    """The written-out backward of every weight matmul is autodiff's, in value and dtype."""
+    x = jax.random.normal(jax.random.key(0), shape, dtype)
+    w = jax.random.normal(jax.random.key(1), (5, 4), dtype)
+    read_out = jax.random.normal(jax.random.key(2), (*shape[:-1], 4))
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) * read_out)
+
+    got = jax.grad(loss(lambda x, w: linear(x, w, out_dtype)), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: jnp.dot(x, w, preferred_element_type=out_dtype)), argnums=(0, 1))(x, w)
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 def _loss_and_grads(model, x, y):
