@@ -7,13 +7,14 @@ Subjects:
   generation  KV-cache decode tokens/s vs. recomputation                (nanojax.benchmarks.generation)
   serve       OpenAI server tokens/s at 1, 4, 16 concurrent streams      (nanojax.benchmarks.serve)
   plan        predicted step time / MFU / memory on a TPU slice or GPU cluster (--config=… --target=v6e-256)
+  nanochat    nanojax's step vs nanochat's compiled PyTorch step, same shape, side by side (--nanochat DIR)
 """
 import importlib
 import sys
 
 from absl import app
 
-SUBJECTS = ("train", "data", "tokenizer", "generation", "serve", "plan")
+SUBJECTS = ("train", "data", "tokenizer", "generation", "serve", "plan", "nanochat")
 
 
 def main() -> int:
