@@ -7,7 +7,7 @@
 # Needs only what the accelerator images have (jax, flax, optax, orbax, tiktoken, pyarrow) plus the wheels in
 # .whl/ when present; nanojax itself runs from this checkout (no install).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 WHEELS="ml-collections==1.1.0"  # py3-none-any; everything else bench train/generation import is in the images
 if [ "${1:-}" = "--prepare-wheels" ]; then

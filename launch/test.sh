@@ -6,12 +6,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # OS packages some tests use, installed where we are root with apt-get (never failing here): bubblewrap for the
 # execution sandbox (tests/reliability/test_sandbox.py), Debian's chromium + chromedriver for the chat page's
-# browser test (tests/test_serve.py). Without them those tests skip and say why.
-missing=""
-command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
-command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium chromium-driver"
-if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing; } \
+# browser test (tests/test_serve.py), shellcheck for the launch scripts (tests/test_launch_scripts.py). Without
+# them those tests skip and say why.
+missing=()
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium chromium-driver)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
     >/dev/null 2>&1 || true
 fi
 if command -v bwrap >/dev/null 2>&1 && bwrap --unshare-all --die-with-parent --ro-bind / / --proc /proc --dev /dev \
@@ -32,7 +34,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   wheel=""
   for d in ${PIP_FIND_LINKS:-}; do
     d=${d#file://}
-    [ -d "$d" ] && wheel=$(ls "$d"/torch-*.whl 2>/dev/null | head -n 1) && [ -n "$wheel" ] && break
+    for w in "$d"/torch-*.whl; do [ -f "$w" ] && wheel=$w && break; done
+    [ -n "$wheel" ] && break
   done
   if [ -n "$wheel" ]; then
     .venv/bin/python -m pip install --quiet "$wheel" >> .venv/install.log 2>&1 || echo "torch: $wheel did not install"

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Delete the queued resource (and its slice), and wait until it is gone.
 set -euo pipefail
-: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
-gcloud compute tpus queued-resources delete "$TPU_NAME" --zone "$ZONE" --force --quiet
+# shellcheck source=launch/tpu/common.sh
+source "$(dirname "$0")/common.sh"
+delete_slice

@@ -34,7 +34,6 @@ import huggingface_hub
 import huggingface_hub.constants
 import huggingface_hub.utils
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -75,7 +74,7 @@ def _resolve_dir(directory) -> str:
 
 
 def _is_remote(path: str) -> bool:
-    return "://" in str(path)
+    return paths.is_url(path)
 
 
 def download_command(n: int | None = None, directory=None) -> str:
@@ -96,12 +95,11 @@ def list_shards(directory=None) -> list[str]:
     if not _is_remote(d) and d.endswith(".parquet") and pathlib.Path(d).is_file():
         return [d]
     if _is_remote(d):
-        fs, root = pafs.FileSystem.from_uri(d)
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        scheme = d.split("://", 1)[0]
-        found = sorted(f"{scheme}://{i.path}" for i in infos
-                       if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-                       and not i.base_name.startswith("."))
+        fs, root = paths.url_filesystem(d)
+        infos = fs.ls(root, detail=True) if fs.isdir(root) else []
+        names = [i["name"] for i in infos if i["type"] == "file"]
+        found = sorted(fs.unstrip_protocol(n) for n in names
+                       if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith("."))
     else:
         p = pathlib.Path(d)
         found = sorted(str(f) for f in p.glob("*.parquet") if f.is_file() and not f.name.startswith(".")) \
@@ -116,10 +114,10 @@ def list_shards(directory=None) -> list[str]:
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
-    """A local path or a URI (gs://, s3://, ... through pyarrow's own filesystems)."""
-    if "://" in path:
-        fs, p = pafs.FileSystem.from_uri(path)
-        return pq.ParquetFile(fs.open_input_file(p))
+    """A local path or a URL (gs:// through gcsfs, memory://, ...: any fsspec filesystem)."""
+    if _is_remote(path):
+        fs, p = paths.url_filesystem(path)
+        return pq.ParquetFile(fs.open(p, "rb"))
     return pq.ParquetFile(path)
 
 
