@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The tiny end-to-end pipeline on CPU: data -> tokenizer -> base model -> SFT -> evaluation -> chat.
+# The tiny end-to-end pipeline on CPU: data -> tokenizer -> base model -> SFT -> evaluation -> RL -> chat.
 #   bash launch/quickstart.sh          # downloads FineWeb-Edu shard 0 + the validation shard, and GSM8K
 #   bash launch/quickstart.sh --text FILE.parquet --gsm8k DIR    # offline: any parquet file with a `text`
 #                                      # column, and a folder with GSM8K's train.jsonl / test.jsonl
-# BASE_STEPS (default 150) and SFT_STEPS (default 100) shorten or lengthen the two training runs.
+# BASE_STEPS (default 150), SFT_STEPS (default 100) and RL_STEPS (default 10; 0 skips the RL stage) shorten or
+# lengthen the three training runs.
 # Extra arguments after `--` go to the base trainer, e.g. `-- --config.train.eval_every=25`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ py=.venv/bin/python
 home=${NANOJAX_HOME:-$HOME/.cache/nanojax}
 data="$home/data/fineweb"
 
-echo "== 1/7 data"
+echo "== 1/8 data"
 if [ -n "$text" ]; then
   data="$home/data/quickstart"
   "$py" - "$text" "$data" <<'PYEOF'
@@ -57,21 +58,21 @@ else
   "$py" -m nanojax.data.fineweb download -n 1 || offline_hint "FineWeb-Edu (shard 0 and the validation shard)"
 fi
 
-echo "== 2/7 tokenizer (8,192 tokens)"
+echo "== 2/8 tokenizer (8,192 tokens)"
 tok="$home/tokenizer-8k"
 if [ ! -f "$tok/tokenizer_meta.json" ]; then
   "$py" -m nanojax.tokenizer train --data_dir "$data" --vocab_size 8192 --max_chars 200000000 --tokenizer_dir "$tok"
 fi
 
-echo "== 3/7 base model (configs/tiny.py; re-running resumes)"
+echo "== 3/8 base model (configs/tiny.py; re-running resumes)"
 "$py" -m nanojax.train --config=configs/tiny.py --config.data.path="$data" --config.data.tokenizer_dir="$tok" \
   --config.train.num_iterations="${BASE_STEPS:-150}" ${train_args[@]+"${train_args[@]}"}
 "$py" -m nanojax.inspect "$home/runs/tiny"
 
-echo "== 4/7 base model evaluation (bits per byte on the validation shard)"
+echo "== 4/8 base model evaluation (bits per byte on the validation shard)"
 "$py" -m nanojax.evaluate "$home/runs/tiny" --tasks=bpb --bpb-tokens=131072
 
-echo "== 5/7 SFT on GSM8K conversations (configs/tiny_sft.py, straight from the base run)"
+echo "== 5/8 SFT on GSM8K conversations (configs/tiny_sft.py, straight from the base run)"
 sources=()
 [ -n "$gsm8k" ] && sources=(--config.data.task_sources="gsm8k=$gsm8k")
 "$py" -m nanojax.train --config=configs/tiny_sft.py --config.train.init_from="$home/runs/tiny" \
@@ -82,15 +83,34 @@ import json, sys
 losses = [r["loss"] for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
 print(f"SFT loss on assistant tokens: {losses[0]:.3f} at the first step -> {losses[-1]:.3f} at step {len(losses)}")
 PYEOF
-echo "== 6/7 chat model evaluation (GSM8K, 20 problems, calculator on)"
+echo "== 6/8 chat model evaluation (GSM8K, 20 problems, calculator on)"
 eval_sources=()
 [ -n "$gsm8k" ] && eval_sources=(--sources "gsm8k=$gsm8k")
 "$py" -m nanojax.evaluate "$home/runs/tiny_chat" --tasks=gsm8k --max-per-task=20 --max-new-tokens=128 \
   ${eval_sources[@]+"${eval_sources[@]}"} || { [ -n "$gsm8k" ] && exit 1; offline_hint GSM8K; }
 
-echo "== 7/7 chat (a 7M-parameter model after minutes on a CPU: expect the assistant format, not right answers)"
+rl_steps=${RL_STEPS:-10}
+echo "== 7/8 RL on GSM8K (configs/tiny_rl.py: $rl_steps steps of 8 questions × 8 sampled replies, reward = right answer)"
+if [ "$rl_steps" -gt 0 ]; then
+  "$py" -m nanojax.train --config=configs/tiny_rl.py --config.train.init_from="$home/runs/tiny_chat" \
+    --config.data.tokenizer_dir="$tok" --config.train.num_iterations="$rl_steps" ${sources[@]+"${sources[@]}"}
+  "$py" - "$home/runs/tiny_rl/metrics.jsonl" <<'PYEOF'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+rewards = [r["reward"] for r in records if "reward" in r]
+passk = [r for r in records if "pass@1" in r]
+print("RL mean reward per step: " + " ".join(f"{x:.3f}" for x in rewards))
+if passk:
+    print(f"pass@1 / pass@4 on GSM8K test: {passk[0]['pass@1']:.3f} / {passk[0]['pass@4']:.3f} at step "
+          f"{passk[0]['step']} -> {passk[-1]['pass@1']:.3f} / {passk[-1]['pass@4']:.3f} at step {passk[-1]['step']}")
+PYEOF
+else
+  echo "(skipped: RL_STEPS=0)"
+fi
+
+echo "== 8/8 chat (a 7M-parameter model after minutes on a CPU: expect the assistant format, not right answers)"
 "$py" -m nanojax.chat_cli "$home/runs/tiny_chat" -p "What is 12 times 7?" --max-tokens 64
 echo "done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s: runs in $home/runs;" \
-  "report card: python -m nanojax.report $home/runs/tiny $home/runs/tiny_chat"
+  "report card: python -m nanojax.report $home/runs/tiny $home/runs/tiny_chat$([ "$rl_steps" -gt 0 ] && echo " $home/runs/tiny_rl")"
 echo "serve it (OpenAI API + chat page at http://127.0.0.1:8000/; pip install -e '.[serve]'):" \
   "python -m nanojax.serve $home/runs/tiny_chat --port 8000"

@@ -110,7 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     d = c.data
-    d.kind = "synthetic"  # synthetic | fineweb | mid (midtraining) | sft (old name: chat); see nanojax.data.kinds
+    d.kind = "synthetic"  # synthetic | fineweb | mid (midtraining) | sft (old name: chat) | rl; nanojax.data.kinds
     d.path = ""  # shard directory ("" -> $NANOJAX_HOME/data/fineweb)
     d.tokenizer_dir = ""  # "" -> $NANOJAX_HOME/tokenizer
     d.seed = 0
@@ -127,6 +127,20 @@ def default_config() -> ml_collections.ConfigDict:
     d.mixture_seed = 42  # TaskMixture shuffle (nanochat: 42)
     d.skip_bad_rows = False  # True: skip (and count) conversations that break the format instead of failing
     d.pad_lengths = ""  # SFT row lengths, "a,b,...": "" = powers of two from 64 up to seq_len, plus seq_len
+
+    # stage 3, data.kind=rl (nanojax.rl): questions from data.train_tasks, pass@k on data.val_tasks every
+    # train.eval_every steps; train.total_batch_size is derived: examples_per_step × num_samples rows of seq_len
+    c.rl = ml_collections.ConfigDict()
+    r = c.rl
+    r.examples_per_step = 16  # questions per optimizer step, over all hosts (each host samples its own share)
+    r.num_samples = 16  # replies per question, sharing one prefill; advantage = reward − their mean reward
+    r.max_new_tokens = 256
+    r.temperature = 1.0
+    r.top_k = 50  # 0: sample from the whole vocabulary
+    r.num_epochs = 1  # with train.num_iterations=-1: num_epochs × questions // examples_per_step steps
+    r.sample_rows = 256  # sequences per engine call (bounds the KV cache); at least num_samples and eval_samples
+    r.eval_examples = 400  # pass@k on the first eval_examples questions of data.val_tasks
+    r.eval_samples = 8  # k = 1 .. eval_samples (sampled at rl.temperature, rl.top_k)
     c.lock()  # unknown keys fail, naming the key
     return c
 
@@ -345,6 +359,9 @@ RULES = {
     "data.kind": (_known_kind, "a known data pipeline"),
     "data.num_shards": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (every shard in data.path)"),
     "data.read_threads": _GE1, "data.tokenizer_threads": _GE1, "data.prefetch": _GE0, "data.worker_count": _GE0,
+    "rl.examples_per_step": _GE1, "rl.num_samples": _GE1, "rl.max_new_tokens": _GE1, "rl.temperature": _GE0,
+    "rl.top_k": (lambda v: v >= 0, "≥ 0 (0: no top-k)"), "rl.num_epochs": _GE1, "rl.sample_rows": _GE1,
+    "rl.eval_examples": _GE0, "rl.eval_samples": _GE1,
 }
 
 

@@ -31,7 +31,7 @@ from nanojax.checkpoint import read_meta
 from nanojax.data.kinds import canonical_kind
 from nanojax.evaluate import CHAT_TASKS, DISPLAY, NANOCHAT_D20
 
-STAGES = {"fineweb": "base", "synthetic": "base (synthetic data)", "mid": "mid", "sft": "sft"}  # by data.kind
+STAGES = {"fineweb": "base", "synthetic": "base (synthetic data)", "mid": "mid", "sft": "sft", "rl": "rl"}  # data.kind
 
 
 def _cmd(args: list[str], cwd=None) -> str | None:
@@ -127,10 +127,48 @@ def run_summary(run_dir: pathlib.Path) -> dict:
         s["final_val_bpb"], s["min_val_bpb"] = bpbs[-1], min(bpbs)
     s["train_curve"] = [(m["step"], m["loss"]) for m in train]
     s["bpb_curve"] = [(m["step"], m["val_bpb"]) for m in evals if "val_bpb" in m]
+    s["reward_curve"] = []
+    if s["stage"] == "rl":
+        rl_summary(s, metrics)
     ev_path = run_dir / "eval_results.json"
     s["evals"] = json.loads(ev_path.read_text()) if ev_path.exists() else {}
     s["tokenizer"] = tokenizer_info(run_dir)
     return s
+
+
+def rl_summary(s: dict, metrics: list[dict]) -> None:
+    """An RL run's numbers: its loss is a policy-gradient loss (kept off the cross-entropy plot), its curve is the
+    mean reward, its tokens are the sampled sequences', its evaluations pass@k (`nanojax.rl`)."""
+    steps = [m for m in metrics if "reward" in m]
+    s["train_curve"] = []
+    s["reward_curve"] = [(m["step"], m["reward"]) for m in steps]
+    if steps:
+        rewards = [m["reward"] for m in steps]
+        s["reward_first"], s["reward_final"], s["reward_max"] = rewards[0], rewards[-1], max(rewards)
+        s["tokens"] = int(sum(m.get("sequence_tokens", 0) for m in steps))
+        if s.get("flops_per_token"):
+            s["total_flops"] = s["tokens"] * s["flops_per_token"]  # the policy-gradient steps; sampling is extra
+        later = steps[min(len(steps) - 1, 5):]  # skip compile-dominated steps
+        s["sample_tokens_per_s"] = sum(m["sample_tokens_per_s"] for m in later) / len(later)
+        s["train_tokens_per_s"] = sum(m["train_tokens_per_s"] for m in later) / len(later)
+    passk = [m for m in metrics if "pass@1" in m]
+    if passk:
+        s["pass_at_k_first"], s["pass_at_k"] = passk[0], passk[-1]
+
+
+def _batch(c: dict) -> str | None:
+    t, r = c.get("train", {}), c.get("rl", {})
+    if stage(c.get("data", {}).get("kind")) == "rl" and r:
+        return (f"{r['examples_per_step'] * r['num_samples']:,} sequences/step ({r['examples_per_step']} questions × "
+                f"{r['num_samples']} replies), device batch {t.get('device_batch_size')}")
+    if t.get("total_batch_size"):
+        return f"{t['total_batch_size']:,} tokens/step, device batch {t.get('device_batch_size')}"
+    return None
+
+
+def _pass_at_k(record: dict) -> str:
+    ks = sorted(int(k[5:]) for k in record if k.startswith("pass@"))
+    return ", ".join(f"@{k} {record[f'pass@{k}']:.4f}" for k in ks) + f" (step {record['step']})"
 
 
 def tokenizer_info(run_dir: pathlib.Path) -> dict | None:
@@ -157,7 +195,8 @@ def plot_curves(summaries: list[dict], out_dir: pathlib.Path) -> dict[str, str] 
     except ImportError:
         return None
     files = {}
-    for key, fname, ylabel in (("train_curve", "loss.png", "train loss"), ("bpb_curve", "val_bpb.png", "val bpb")):
+    for key, fname, ylabel in (("train_curve", "loss.png", "train loss"), ("bpb_curve", "val_bpb.png", "val bpb"),
+                               ("reward_curve", "reward.png", "mean reward (RL)")):
         if not any(s[key] for s in summaries):
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -201,7 +240,7 @@ def render(summaries: list[dict], env: dict, plots: dict | None) -> str:
     L += ["", "(the machine that wrote this report; training devices are in each run's config mesh)"]
     for s in summaries:
         c = s["config"]
-        m, t = s.get("model") or c.get("model", {}), c.get("train", {})
+        m = s.get("model") or c.get("model", {})
         L += ["", f"## {s['name']} ({s['stage']})", "", f"Run directory `{s['dir']}`"
               + (f"; started from `{s['init_from']}`" if s["init_from"] else "") + ".", "",
               "| | |", "|---|---|"]
@@ -210,8 +249,7 @@ def render(summaries: list[dict], env: dict, plots: dict | None) -> str:
                       f"{m.get('head_dim')}, vocab {m.get('vocab_size'):,}, context {m.get('seq_len')}" if m else None),
             ("parameters", _fmt(s.get("num_params"))),
             ("FLOPs per token", f"{s['flops_per_token']:.4e}" if s.get("flops_per_token") else None),
-            ("batch", f"{t.get('total_batch_size'):,} tokens/step, device batch {t.get('device_batch_size')}"
-             if t.get("total_batch_size") else None),
+            ("batch", _batch(c)),
             ("iterations", _fmt(s.get("steps"))),
             ("tokens trained", _fmt(s.get("tokens"))),
             ("tokens : params",
@@ -225,6 +263,13 @@ def render(summaries: list[dict], env: dict, plots: dict | None) -> str:
              if s.get("final_loss") is not None else None),
             ("val bpb final / min",
              f"{s['final_val_bpb']:.4f} / {s['min_val_bpb']:.4f}" if s.get("final_val_bpb") else None),
+            ("reward first / final / max", " / ".join(f"{s[k]:.4f}" for k in ("reward_first", "reward_final",
+                                                                                "reward_max"))
+             if s.get("reward_final") is not None else None),
+            ("rollouts sampled / trained on", f"{s['sample_tokens_per_s']:,.0f} / {s['train_tokens_per_s']:,.0f} "
+             "tokens/s" if s.get("sample_tokens_per_s") else None),
+            ("pass@k first", _pass_at_k(s["pass_at_k_first"]) if s.get("pass_at_k_first") else None),
+            ("pass@k last", _pass_at_k(s["pass_at_k"]) if s.get("pass_at_k") else None),
         ]
         tok = s.get("tokenizer")
         if tok:
@@ -242,7 +287,8 @@ def render(summaries: list[dict], env: dict, plots: dict | None) -> str:
     if plots is None:
         L.append("(matplotlib is not installed: `pip install matplotlib` to get loss.png and val_bpb.png)")
     else:
-        for key, title in (("train_curve", "training loss"), ("bpb_curve", "validation bits per byte")):
+        for key, title in (("train_curve", "training loss"), ("bpb_curve", "validation bits per byte"),
+                           ("reward_curve", "RL mean reward")):
             if key in plots:
                 L.append(f"![{title}]({plots[key]})")
         if not plots:

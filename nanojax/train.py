@@ -27,7 +27,7 @@ from nanojax import config as cfglib
 from nanojax import paths
 from nanojax import sharding as shd
 from nanojax.console import log, quiet_library_logs
-from nanojax.data import make_iterator
+from nanojax.data import canonical_kind, make_iterator
 from nanojax.loggers import MetricsLoggers, logger_names
 from nanojax.model import GPT, eval_sums
 from nanojax.optim import build_optimizer, current_lrs, muon_momentum
@@ -62,9 +62,10 @@ def micro_batch_loss(params, graphdef, micro_batch):
     return nnx.merge(graphdef, params).loss(micro_batch["inputs"], micro_batch["targets"])
 
 
-def accumulate_gradients(graphdef, param_shardings, params, batch):
-    """Summed float32 gradients, loss and counted targets over the micro-batches (the leading batch axis)."""
-    grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+def accumulate_gradients(graphdef, param_shardings, params, batch, loss_fn=micro_batch_loss):
+    """Summed float32 gradients, loss and counted targets over the micro-batches (the leading batch axis);
+    `loss_fn(params, graphdef, micro_batch) -> (summed loss, counted targets)` (RL: `nanojax.rl`)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def add(carry, micro_batch):
         g_acc, loss_acc, n_acc = carry
@@ -77,11 +78,11 @@ def accumulate_gradients(graphdef, param_shardings, params, batch):
     return g, loss, n
 
 
-def train_step(graphdef, tx, param_shardings, abstract_mesh, params, opt_state, batch):
+def train_step(graphdef, tx, param_shardings, abstract_mesh, loss_fn, params, opt_state, batch):
     """One optimizer step on the token-weighted mean gradient of the whole accumulated batch (not a mean of
     micro-batch means). The abstract mesh lets the model pin activation shardings by logical names."""
     with jax.sharding.use_abstract_mesh(abstract_mesh):
-        g, loss, n = accumulate_gradients(graphdef, param_shardings, params, batch)
+        g, loss, n = accumulate_gradients(graphdef, param_shardings, params, batch, loss_fn)
         denom = jnp.maximum(n, 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
         updates, opt_state = tx.update(g, opt_state, params)
@@ -97,9 +98,10 @@ def eval_step(graphdef, abstract_mesh, params, inputs, targets, token_bytes):
 
 
 class TrainState:
-    """What the loop needs besides the arrays: model graph, shardings, abstract shapes and the jitted steps."""
+    """What the loop needs besides the arrays: model graph, shardings, abstract shapes and the jitted steps.
+    `loss_fn` is the micro-batch loss the step differentiates (cross-entropy; RL: the policy gradient)."""
 
-    def __init__(self, config, mesh, derived):
+    def __init__(self, config, mesh, derived, loss_fn=micro_batch_loss):
         self.config, self.mesh, self.derived = config, mesh, derived
         abstract_model = nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(config.seed)))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
@@ -114,7 +116,7 @@ class TrainState:
         self.batch_sharding = shd.batch_sharding(mesh, ndim=3, batch_axis=1)  # (accum, rows, T)
         self.eval_sharding = shd.batch_sharding(mesh, ndim=2)
         self.train_step = jax.jit(
-            functools.partial(train_step, self.graphdef, self.tx, self.param_shardings, mesh.abstract_mesh),
+            functools.partial(train_step, self.graphdef, self.tx, self.param_shardings, mesh.abstract_mesh, loss_fn),
             in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding),
             out_shardings=(self.param_shardings, self.opt_shardings, rep),
             donate_argnums=(0, 1),
@@ -385,11 +387,28 @@ class StopFlag:
 
 
 # -- the loop ---------------------------------------------------------------------------------------
+def open_run_records(config, log_dir: str, step: int) -> None:
+    """config.json written (a changed one kept aside) and metrics.jsonl cut back to `step`, the step the run
+    continues from; on process 0, once the run's inputs are known to be good."""
+    if jax.process_index() != 0:
+        return
+    kept = cfglib.save_run_config(config, log_dir)
+    if kept:
+        log(f"config changed since the last run of {config.run_name}: the previous one is kept as {kept}")
+    dropped = MetricsLoggers.drop_steps_after(log_dir, step)
+    if dropped:
+        log(f"metrics.jsonl: dropped {dropped} record(s) past step {step}, which runs again")
+
+
 def run(config) -> dict:
     """Train (or resume) the run described by `config`; returns the final metrics. Bad input (a config value, a
     data file, a tokenizer) fails before the run's files change: config.json and metrics.jsonl are written only
-    once the model, the checkpoint and the data iterator are ready."""
+    once the model, the checkpoint and the data iterator are ready. `data.kind=rl` runs stage 3 (`nanojax.rl`)."""
     cfglib.validate(config)  # every bad value in one line, before anything is built
+    if canonical_kind(config.data.kind) == "rl":
+        from nanojax import rl  # imported here: rl builds on this module's parts
+
+        return rl.run(config)
     logger_names(config.train.loggers)  # a typo fails before anything is built
     setup_jax()
     mesh = shd.make_mesh(config.mesh)
@@ -412,13 +431,7 @@ def run(config) -> dict:
                        process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
     if data_state:
         it.set_state(data_state)
-    if jax.process_index() == 0:  # the inputs held: now the run's own records change
-        kept = cfglib.save_run_config(config, log_dir)
-        if kept:
-            log(f"config changed since the last run of {config.run_name}: the previous one is kept as {kept}")
-        dropped = MetricsLoggers.drop_steps_after(log_dir, step)
-        if dropped:
-            log(f"metrics.jsonl: dropped {dropped} record(s) past step {step}, which runs again")
+    open_run_records(config, log_dir, step)  # the inputs held: now the run's own records change
     reporter = StepReporter(config, derived, log_dir, ckptr.latest_step)
     profiler = StepProfiler(config.train.profile, log_dir)
     try:

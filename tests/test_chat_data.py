@@ -282,7 +282,7 @@ def test_old_kind_chat_is_sft(tok, tmp_path):
     assert count_epoch(old, tok) == count_epoch(new, tok)
     old.data.kind = "sftt"
     with pytest.raises(ValueError, match=r"data.kind='sftt' is not a known data pipeline; did you mean 'sft'\? "
-                                         r"\(known: synthetic, fineweb, mid, sft; old names: chat = sft\)"):
+                                         r"\(known: synthetic, fineweb, mid, sft, rl; old names: chat = sft\)"):
         make_iterator(old, split="train", batch_size=4, process_index=0, process_count=1, tokenizer=tok)
 
 

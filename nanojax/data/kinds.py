@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import difflib
 
-KINDS = ("synthetic", "fineweb", "mid", "sft")
-CONVERSATION_KINDS = ("mid", "sft")  # rendered task mixtures (nanojax.data.chat)
+KINDS = ("synthetic", "fineweb", "mid", "sft", "rl")
+# task mixtures of conversations (nanojax.data.chat); rl samples replies to them instead (nanojax.rl)
+CONVERSATION_KINDS = ("mid", "sft", "rl")
 ALIASES = {"chat": "sft"}  # SFT's name until the rename: old run configs and checkpoints keep working
 
 
