@@ -10,6 +10,12 @@ pass@k as "any of k samples" with --num-samples). ChatCORE = mean over the chat 
 (acc - baseline) / (1 - baseline), reported when all five were evaluated (the partial mean is kept too).
 Task names, their eval splits, display names and baselines come from `nanojax.tasks.registry`.
 
+Every device of every host takes part (several hosts: the same command on each, started as `nanojax.train` is,
+`nanojax.sharding.start_distributed`): the model is sharded over all of them; bpb, CORE and categorical batches
+split their rows over the devices, each host putting its own devices' rows, and the results come back to every
+host; generative tasks give each host its share of problems, decoded on its first device, and sum the counts.
+The numbers are those of one device (bpb reads the validation split as one stream on every host for that).
+
 Results are merged into RUN_DIR/eval_results.json (one key per task, so separate invocations add up)
 and rendered to RUN_DIR/eval_results.md. `--max-per-task N` cuts every task to its first N examples
 (CORE: after nanochat's seed-1337 shuffle) for quick runs.
@@ -17,6 +23,7 @@ and rendered to RUN_DIR/eval_results.md. `--max-per-task N` cuts every task to i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -31,8 +38,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
+from nanojax import sharding as shd
 from nanojax.buckets import bucket
 from nanojax.checkpoint import load_model, read_meta
 from nanojax.console import log, quiet_library_logs
@@ -53,44 +62,96 @@ NANOCHAT_D20 = {"core": 0.2219, "arc_easy": 0.3876, "arc_challenge": 0.2807, "mm
                 "humaneval": 0.0854, "chatcore": 0.0884}
 
 
+# ----------------------------------------------------------------------------------- placement
+def mesh_of(model) -> Mesh | None:
+    """The mesh the model's parameters are sharded over, None on one device. Batches follow it: every host puts
+    the rows of its own devices (`on_devices`), the forwards return results replicated to every host."""
+    sharding = getattr(jax.tree.leaves(nnx.state(model, nnx.Param))[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def row_multiple(mesh: Mesh | None) -> int:
+    """Rows of a batch must be a multiple of the data-parallel devices (data × fsdp) to split over them."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def pad_rows(n: int, mesh: Mesh | None) -> int:
+    m = row_multiple(mesh)
+    return -(-n // m) * m
+
+
+def on_devices(x: np.ndarray, mesh: Mesh | None, split_rows: bool = True) -> jax.Array:
+    """A host array every host holds whole -> a global array, rows split over the mesh's data-parallel devices
+    (or replicated); each host supplies only its own devices' part."""
+    if mesh is None:
+        return jnp.asarray(x)
+    sharding = shd.batch_sharding(mesh, x.ndim) if split_rows else shd.replicated(mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _scope(mesh: Mesh | None):
+    """Inside a jitted forward: the mesh whose logical axis names the model's `constrain` pins activations to."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _gathered(x: jax.Array) -> jax.Array:
+    """Replicated on every device (of every host): results each host reads whole; a no-op off a mesh."""
+    return shd.constrain(x, (None,) * x.ndim)
+
+
 # ----------------------------------------------------------------------------------- jitted forwards
-@partial(jax.jit, static_argnames=("graphdef",))
-def _losses_and_predictions(graphdef, state, ids_BT):
-    """Per position: cross-entropy of the next token (last column 0) and the argmax prediction."""
-    model = nnx.merge(graphdef, state)
-    h_BTD = model.hidden(ids_BT)
-    targets_BT = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, -1:]], axis=1)
+@partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _losses_and_predictions(graphdef, state, ids_BT, mesh=None):
+    """Per position: cross-entropy of the next token (last column 0) and the argmax prediction. Logits are made
+    one row per data-parallel device at a time (S devices: (S, T, V) float32, never (B, T, V))."""
+    with _scope(mesh):
+        model = nnx.merge(graphdef, state)
+        h_BTD = model.hidden(ids_BT)
+        targets_BT = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, -1:]], axis=1)
+        (B, T), S = ids_BT.shape, row_multiple(mesh)
 
-    def row(args):  # one row's logits at a time: (T, V) float32, never (B, T, V)
-        h_TD, y_T = args
-        z = model.logits(h_TD)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        picked = jnp.take_along_axis(z, y_T[:, None], axis=-1)[:, 0]
-        return lse - picked, jnp.argmax(z, axis=-1).astype(jnp.int32)
+        def rows(args):
+            h_STD, y_ST = args
+            z_STV = model.logits(h_STD)
+            lse_ST = jax.nn.logsumexp(z_STV, axis=-1)
+            picked_ST = jnp.take_along_axis(z_STV, y_ST[..., None], axis=-1)[..., 0]
+            return lse_ST - picked_ST, jnp.argmax(z_STV, axis=-1).astype(jnp.int32)
 
-    return jax.lax.map(row, (h_BTD, targets_BT))
+        def split(a):  # (B, ...) -> (B/S, S, ...): the map runs over each device's rows, S rows at once
+            a = a.reshape(S, B // S, *a.shape[1:]).swapaxes(0, 1)
+            return shd.constrain(a, (None, "batch") + (None,) * (a.ndim - 2))
 
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def _logits_at(graphdef, state, ids_BT, pos_B):
-    model = nnx.merge(graphdef, state)
-    h_BTD = model.hidden(ids_BT)
-    h_BD = jnp.take_along_axis(h_BTD, pos_B[:, None, None], axis=1)[:, 0]
-    return model.logits(h_BD)
+        losses, preds = jax.lax.map(rows, (split(h_BTD), split(targets_BT)))
+        return tuple(_gathered(a.swapaxes(0, 1).reshape(B, T)) for a in (losses, preds))
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _bpb_sums(graphdef, state, inputs, targets, token_bytes):
-    sums = eval_sums(nnx.merge(graphdef, state), inputs, targets, token_bytes)
-    return sums["nats_with_bytes"], sums["bytes"]
+@partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _logits_at(graphdef, state, ids_BT, pos_B, mesh=None):
+    with _scope(mesh):
+        model = nnx.merge(graphdef, state)
+        h_BTD = model.hidden(ids_BT)
+        h_BD = jnp.take_along_axis(h_BTD, pos_B[:, None, None], axis=1)[:, 0]
+        return _gathered(model.logits(h_BD))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _bpb_sums(graphdef, state, inputs, targets, token_bytes, mesh=None):
+    with _scope(mesh):
+        sums = eval_sums(nnx.merge(graphdef, state), inputs, targets, token_bytes)
+        return _gathered(sums["nats_with_bytes"]), _gathered(sums["bytes"])
 
 
 def core_forward(model):
+    """`forward(ids_BT) -> (losses_BT, predictions_BT)` for `nanojax.tasks.core`, every host calling it with the
+    same ids (rows are padded to split evenly over the devices)."""
     graphdef, state = nnx.split(model)
+    mesh = mesh_of(model)
 
     def forward(ids):
-        losses, preds = _losses_and_predictions(graphdef, state, jnp.asarray(ids))
-        return np.asarray(losses), np.asarray(preds)
+        B = ids.shape[0]
+        padded = np.pad(ids, ((0, pad_rows(B, mesh) - B), (0, 0)))
+        losses, preds = _losses_and_predictions(graphdef, state, on_devices(padded, mesh), mesh=mesh)
+        return np.asarray(losses)[:B], np.asarray(preds)[:B]
 
     return forward
 
@@ -104,22 +165,27 @@ def evaluate_core(model, tokenizer, *, max_per_task=-1, bundle_dir=None, batch_r
 
 def evaluate_bpb(model, tokenizer, config, *, tokens: int | None = None, batch_rows: int = 8) -> dict:
     """Bits per byte over `tokens` tokens (default config.train.eval_tokens) of the validation split:
-    sum of nats over targets with a byte length > 0 / (ln 2 * their bytes), as nanochat's loss_eval."""
+    sum of nats over targets with a byte length > 0 / (ln 2 * their bytes), as nanochat's loss_eval.
+
+    Every host reads the split as one data stream and puts its own devices' rows of each batch: the rows scored,
+    and so the number, are the same on any number of hosts and devices (batch_rows rounded up to a multiple of
+    the data-parallel devices)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if canonical_kind(config.data.kind) in CONVERSATION_KINDS:
         config.data.kind = "fineweb"  # bpb is measured on pretraining text, as nanochat
-    seq_len = int(config.model.seq_len)
+    seq_len, mesh = int(config.model.seq_len), mesh_of(model)
+    batch_rows = pad_rows(batch_rows, mesh)
     tokens = int(tokens or config.train.eval_tokens)
     steps = max(1, tokens // (batch_rows * seq_len))
-    token_bytes = jnp.asarray(np.asarray(tokenizer.token_bytes, np.int32))
+    token_bytes = on_devices(np.asarray(tokenizer.token_bytes, np.int32), mesh, split_rows=False)
     graphdef, state = nnx.split(model)
     it = make_iterator(config, split="val", batch_size=batch_rows, process_index=0, process_count=1,
                        tokenizer=tokenizer)
     nats, nbytes, n = 0.0, 0.0, 0
     try:
-        for batch in tqdm(itertools.islice(it, steps), total=steps, desc="bpb", leave=False):
-            a, b = _bpb_sums(graphdef, state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
-                             token_bytes)
+        for batch in _progress(itertools.islice(it, steps), total=steps, desc="bpb"):
+            a, b = _bpb_sums(graphdef, state, on_devices(batch["inputs"], mesh), on_devices(batch["targets"], mesh),
+                             token_bytes, mesh=mesh)
             nats, nbytes, n = nats + float(a), nbytes + float(b), n + int(np.asarray(batch["targets"]).size)
     finally:
         close = getattr(it, "close", None)
@@ -131,40 +197,69 @@ def evaluate_bpb(model, tokenizer, config, *, tokens: int | None = None, batch_r
     return {"bpb": nats / (math.log(2) * nbytes), "tokens": n, "bytes": nbytes}
 
 
+def _progress(iterable=None, **kwargs):
+    """A tqdm bar on the first process only (every host runs the same evaluation)."""
+    return tqdm(iterable, leave=False, disable=jax.process_index() != 0, **kwargs)
+
+
 # ----------------------------------------------------------------------------------- chat evals
 
 
 def evaluate_categorical(model, tokenizer, task, *, max_problems=None, batch_size=8, desc="categorical") -> dict:
-    """nanochat's run_categorical_eval: argmax over the choice letters' logits at the answer position."""
+    """nanochat's run_categorical_eval: argmax over the choice letters' logits at the answer position. On a
+    mesh, each batch's rows are split over the devices of every host and the logits come back to each host,
+    which all score every problem alike (batch_size rounded up to a multiple of the data-parallel devices)."""
     graphdef, state = nnx.split(model)
+    mesh = mesh_of(model)
+    rows = pad_rows(batch_size, mesh)
     n = len(task) if max_problems is None else min(len(task), max_problems)
-    bos = tokenizer.bos_token_id
-    letter_ids: dict[str, int] = {}
+    letter_id = _letter_ids(tokenizer)
     passed = 0
     seq_len = int(model.cfg.seq_len)
-    bar = tqdm(total=n, desc=desc, leave=False)
+    bar = _progress(total=n, desc=desc)
     for i0 in range(0, n, batch_size):
         convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
         prompts = [tokenizer.render_for_completion(c)[-seq_len:] for c in convs]
         T = bucket(max(len(p) for p in prompts), minimum=32, cap=seq_len)
-        ids = np.full((batch_size, T), bos, np.int32)
+        ids = np.full((rows, T), tokenizer.bos_token_id, np.int32)
         for j, p in enumerate(prompts):
             ids[j, :len(p)] = p
-        pos = np.array([len(p) - 1 for p in prompts] + [0] * (batch_size - len(prompts)), np.int32)
-        logits = np.asarray(_logits_at(graphdef, state, jnp.asarray(ids), jnp.asarray(pos)))
+        pos = np.array([len(p) - 1 for p in prompts] + [0] * (rows - len(prompts)), np.int32)
+        logits = np.asarray(_logits_at(graphdef, state, on_devices(ids, mesh), on_devices(pos, mesh), mesh=mesh))
         for j, conv in enumerate(convs):
             letters = conv["letters"]
-            for letter in letters:
-                if letter not in letter_ids:
-                    enc = tokenizer.encode(letter)
-                    if len(enc) != 1:
-                        raise ValueError(f"choice letter {letter!r} is {len(enc)} tokens, expected 1")
-                    letter_ids[letter] = enc[0]
-            choice = int(np.argmax(logits[j, [letter_ids[x] for x in letters]]))
+            choice = int(np.argmax(logits[j, [letter_id(x) for x in letters]]))
             passed += int(task.evaluate(conv, letters[choice]))
         bar.update(len(convs))
     bar.close()
     return {"accuracy": passed / max(1, n), "passed": passed, "total": n}
+
+
+def _letter_ids(tokenizer):
+    """letter -> its one token id (cached); a letter of several tokens is an error naming it."""
+    ids: dict[str, int] = {}
+
+    def letter_id(letter: str) -> int:
+        if letter not in ids:
+            enc = tokenizer.encode(letter)
+            if len(enc) != 1:
+                raise ValueError(f"choice letter {letter!r} is {len(enc)} tokens, expected 1")
+            ids[letter] = enc[0]
+        return ids[letter]
+
+    return letter_id
+
+
+def host_copy(model):
+    """The model with a whole copy of its state on this host's first device (itself when not on a mesh):
+    generation loops on the host, differently on each, so each host decodes its own problems there with no
+    collective, as one device would."""
+    mesh = mesh_of(model)
+    if mesh is None:
+        return model
+    graphdef, state = nnx.split(model)
+    whole = jax.jit(lambda s: s, out_shardings=shd.replicated(mesh))(state)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a.addressable_data(0), whole))
 
 
 def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=None, batch_size=8,
@@ -174,17 +269,23 @@ def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=Non
     a problem passes when any of its `num_samples` completions passes `task.evaluate`. Also counted, from each
     problem's first completion: replies that ended by themselves (`<|assistant_end|>`, not the token budget)
     and, for tasks with an answer format (GSM8K's `#### N`), replies in that format: whether a small model has
-    learnt the format, before it gets answers right."""
-    engine = engine or Engine(model, tokenizer)
+    learnt the format, before it gets answers right.
+
+    Host p of P takes problems p, p + P, ... on its first device (`host_copy`) and the counts are summed over
+    hosts. Greedy results do not depend on the layout; sampled ones are seeded per batch (seed + its first
+    problem), so they do."""
+    engine = engine or Engine(host_copy(model), tokenizer)
     n = len(task) if max_problems is None else min(len(task), max_problems)
+    mine = list(range(jax.process_index(), n, jax.process_count()))
     seq_len = int(model.cfg.seq_len)
     passed = ended = well_formed = 0
-    bar = tqdm(total=n, desc=desc, leave=False)
-    for i0 in range(0, n, batch_size):
-        convs = [task[i] for i in range(i0, min(n, i0 + batch_size))]
+    bar = _progress(total=len(mine), desc=desc)
+    for b0 in range(0, len(mine), batch_size):
+        numbers = mine[b0:b0 + batch_size]
+        convs = [task[i] for i in numbers]
         prompts = [tokenizer.render_for_completion(c)[-(seq_len - 1):] for c in convs]
         results, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, seed=seed + i0)
+                                           temperature=temperature, top_k=top_k, seed=seed + numbers[0])
         for j, conv in enumerate(convs):
             rows = results[j * num_samples:(j + 1) * num_samples]
             completions = [tokenizer.decode(r[len(prompts[j]):]) for r in rows]
@@ -193,8 +294,9 @@ def evaluate_generative(model, tokenizer, task, *, engine=None, max_problems=Non
             ended += int(len(rows[0]) - len(prompts[j]) < budget)  # a stop token came before the budget ran out
             well_formed += int(bool(getattr(task, "well_formed", lambda c: True)(completions[0])))
         bar.update(len(convs))
-        bar.set_postfix(acc=f"{passed / (i0 + len(convs)):.3f}")
+        bar.set_postfix(acc=f"{passed / (b0 + len(convs)):.3f}")
     bar.close()
+    passed, ended, well_formed = (int(v) for v in shd.process_sums([passed, ended, well_formed]))
     out = {"accuracy": passed / max(1, n), "passed": passed, "total": n, "ended": ended}
     if getattr(task, "answer_format", None):
         out["well_formed"] = well_formed
@@ -317,8 +419,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"--sources: {e}") from None
 
     t0 = time.time()
+    shd.start_distributed()  # NANOJAX_DISTRIBUTED=1 or JAX_COORDINATOR_ADDRESS: every host runs this command
+    mesh = shd.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "num_devices": -1}))
     try:
-        model, tokenizer, config = load_model(args.run, args.step)
+        model, tokenizer, config = load_model(args.run, args.step, mesh=mesh)
         if tokenizer is None:  # the checkpoint names none, or it is not on this machine
             tokenizer = load_for_config(config, args.tokenizer_dir or tokenizer_dir_for(config))
         _, step = read_meta(args.run, args.step)
@@ -326,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ap.exit(2, f"error: {e}\n")
     if tasks is None:
         tasks = list(CHAT_TASKS if canonical_kind(config.data.kind) in CONVERSATION_KINDS else BASE_TASKS)
-    log(f"loaded {args.run} step {step} in {time.time() - t0:.1f}s; tasks: {', '.join(tasks)}")
+    log(f"loaded {args.run} step {step} in {time.time() - t0:.1f}s on {mesh.size} device(s), "
+        f"{jax.process_count()} process(es); tasks: {', '.join(tasks)}")
     max_problems = None if args.max_per_task is None or args.max_per_task < 0 else args.max_per_task
     results: dict = {}
     engine = None
@@ -345,8 +450,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 r = evaluate_categorical(model, tokenizer, task, max_problems=max_problems,
                                          batch_size=args.batch_size, desc=DISPLAY[name])
             else:
-                if engine is None:
-                    engine = Engine(model, tokenizer)
+                if engine is None:  # one for every generative task: each host's own whole copy of the model
+                    engine = Engine(host_copy(model), tokenizer)
                 r = evaluate_generative(model, tokenizer, task, engine=engine, max_problems=max_problems,
                                         batch_size=args.batch_size, num_samples=args.num_samples,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -356,10 +461,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results[name] = r
     results["_meta"] = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds"),
                         "max_per_task": args.max_per_task, "backend": jax.default_backend()}
-    out = pathlib.Path(args.out) if args.out else run_dir_containing(args.run)
-    jpath, mpath = write_results(out, results)
-    log(f"wrote {jpath} and {mpath}")
-    log(mpath.read_text())
+    if jax.process_index() == 0:  # every host holds the same results
+        out = pathlib.Path(args.out) if args.out else run_dir_containing(args.run)
+        jpath, mpath = write_results(out, results)
+        log(f"wrote {jpath} and {mpath}")
+        log(mpath.read_text())
     return results
 
 

@@ -79,14 +79,6 @@ def fill_sizes(config, num_questions: int, process_count: int, num_devices: int)
         t.num_iterations = steps
 
 
-def global_sums(values) -> np.ndarray:
-    """Element-wise sums over every process (each host's rollouts are its own)."""
-    values = np.asarray(values, np.float64)
-    if jax.process_count() == 1:
-        return values
-    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
-
-
 def global_max(value: float) -> float:
     if jax.process_count() == 1:
         return value
@@ -154,7 +146,7 @@ class Rollouts:
         rows = policy_gradient_rows(groups, self.lengths, self.pad_id, longest)
         local = {k: v.reshape(derived.grad_accum_steps, -1, v.shape[-1]) for k, v in rows.items()}
         batch = train.global_batch(local, self.state.batch_sharding, 1, derived.global_micro_batch)
-        n, reward, length, reply = global_sums([len(rewards), rewards.sum(), sum(lengths), sum(replies)])
+        n, reward, length, reply = shd.process_sums([len(rewards), rewards.sum(), sum(lengths), sum(replies)])
         stats = {"reward": reward / n, "sequence_length": length / n, "reply_length": reply / n,
                  "sequence_tokens": length, "reply_tokens": reply}
         return batch, stats, sample_time
@@ -170,7 +162,7 @@ class Rollouts:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed + 1), step), jax.process_index())
         counts = pass_at_k(self.engine(params), self.tokenizer, self.eval_task, numbers, key,
                            num_samples=r.eval_samples, **self.sampling)
-        totals = global_sums(np.concatenate([[len(numbers)], counts]))
+        totals = shd.process_sums(np.concatenate([[len(numbers)], counts]))
         return {f"pass@{k}": float(totals[k] / max(totals[0], 1)) for k in range(1, r.eval_samples + 1)}
 
 

@@ -1,4 +1,4 @@
-"""Mesh construction and the one rules table that maps logical axis names onto mesh axes.
+"""Mesh construction and the one rules table that maps logical axis names onto mesh axes; multi-host start-up.
 
 Parameters are annotated with logical names in `model.py` (`embed`, `heads`, `mlp`, `vocab`, `layers`, …).
 Changing how a model is split is a change to `RULES` or to the mesh shape in the config, never to the model.
@@ -8,11 +8,12 @@ every device count.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nanojax.config import mesh_shape
@@ -28,8 +29,28 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "vocab": "tensor",
+    "value_embed": "fsdp",  # HEAD's value-embedding rows (n_kv_head·head_dim wide): split as embed is
     "seq": None,
 }
+
+
+def start_distributed() -> None:
+    """`jax.distributed.initialize()` when NANOJAX_DISTRIBUTED=1 or JAX_COORDINATOR_ADDRESS is set; call it before
+    anything touches a device. On a cluster (SLURM, Cloud TPU) jax finds the coordinator, process count and index
+    itself; JAX_NUM_PROCESSES and JAX_PROCESS_ID (with JAX_COORDINATOR_ADDRESS, which jax reads) give them where
+    nothing else does: several processes on one machine."""
+    if os.environ.get("NANOJAX_DISTRIBUTED") != "1" and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return
+    if jax.distributed.is_initialized():
+        return
+    args = {}
+    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        value = os.environ.get(name, "")
+        if value:
+            if not value.isdigit():
+                raise ValueError(f"{name}={value!r} is not a non-negative integer")
+            args[key] = int(value)
+    jax.distributed.initialize(**args)
 
 
 def devices_for(mesh_cfg) -> list:
@@ -127,3 +148,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def process_sums(values) -> np.ndarray:
+    """Element-wise sums of each process's `values` (float64), the same on every process: counts that each host
+    gathered over its own share of examples."""
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
