@@ -66,7 +66,8 @@ def _prefill_row(graphdef, params, tokens_1T, length, sampling, *, cache_len):
 @partial(jax.jit, donate_argnames=("cache",))
 def _insert(cache: KVCache, row: KVCache, slot):
     return KVCache(cache.k.at[:, slot].set(row.k[:, 0]), cache.v.at[:, slot].set(row.v[:, 0]),
-                   cache.pos.at[slot].set(row.pos[0]))
+                   cache.pos.at[slot].set(row.pos[0]),
+                   None if cache.tokens is None else cache.tokens.at[slot].set(row.tokens[0]))
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))

@@ -46,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.n_kv_head = -1  # -1: n_head (no grouping)
     m.vocab_size = 65536
     m.seq_len = 2048
-    m.rope_base = 10000.0
+    m.rope_base = -1.0  # -1: the family's (launch 10,000, head 100,000)
     m.softcap = 15.0
     m.mlp_ratio = 4
     m.scan_layers = True  # nnx.scan over stacked layers (False: a Python loop, same numbers)
@@ -59,6 +59,17 @@ def default_config() -> ml_collections.ConfigDict:
     # positions per row per loss chunk (float32 logits exist for B×P×V at a time, recomputed in the backward);
     # 0: auto, the whole sequence when a device's logits fit 256 MiB (no recompute), else 128
     m.loss_chunk_size = 0
+    # model family: "launch" (nanochat 3a5e0bc) or "head" (nanochat 92d63d4). It fills every key below left at
+    # its "family" value (-1 / "family"); set a key explicitly to mix (nanojax.model_head has the HEAD pieces)
+    m.family = "launch"
+    m.window_pattern = "family"  # tiled over layers: L = full context, S = short window; the last layer is L
+    m.value_embeds = -1  # 1: value embeddings + gates on alternating layers (last included); 0: none
+    m.smear = -1  # 1: previous-token mix into each embedding (decode reads it from the cache); 0: none
+    m.backout = -1  # 1: subtract λ·(residual after layer depth//2) before the final norm; 0: none
+    m.layer_lambdas = -1  # 1: per-layer resid_lambdas / x0_lambdas (x ← r·x + a·x0 before each block); 0: none
+    m.qk_scale = -1.0  # queries and keys × this after QK-norm (launch 1.0, head 1.2)
+    m.vocab_multiple = -1  # embedding / lm_head rows padded to a multiple of this (logits sliced back)
+    m.init = "family"  # launch | head: the weight initialisation
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
@@ -107,6 +118,14 @@ def default_config() -> ml_collections.ConfigDict:
     o.ns_steps = 5
     o.ns_coeffs = (3.4445, -4.7750, 2.0315)
     o.ns_dtype = "bfloat16"
+    # optimizer family: "launch" (nanochat 3a5e0bc: Muon + AdamW, global-norm clip) or "head" (nanochat 92d63d4's
+    # MuonAdamW: nanojax.optim_head). The keys below are read by "head" only; it reuses the LRs, weight_decay
+    # (Muon's, before HEAD's depth/batch scaling and cosine schedule), muon_momentum_* and ns_* keys above
+    o.kind = "launch"
+    o.scalar_lr = 0.5  # head: resid_lambdas at 0.01x this, x0_lambdas at 1x
+    o.muon_beta2 = 0.9  # head: decay of NorMuon's per-row/column second moment
+    o.muon_momentum_final = 0.90  # head: Muon momentum at the end of the LR warmdown (from muon_momentum_end)
+    o.warmup_steps = -1  # head: LR warmup in steps (HEAD: 40); -1: round(train.warmup_ratio × iterations)
 
     c.data = ml_collections.ConfigDict()
     d = c.data
@@ -120,6 +139,9 @@ def default_config() -> ml_collections.ConfigDict:
     d.prefetch = 2  # batches kept ready by a background thread
     d.worker_count = 0  # grain worker processes (0: threads only, fastest on small hosts)
     d.shuffle = True  # shuffle training row groups (per epoch, seeded)
+    d.dataset = "fineweb"  # pretraining shards: fineweb (FineWeb-Edu, nanochat launch) | climbmix (ClimbMix, HEAD)
+    d.packing = "concat"  # concat (launch: rows cut from the token stream) | bestfit (HEAD: BOS-aligned best fit)
+    d.bestfit_buffer = 1000  # documents the best-fit packer chooses from (HEAD: 1000)
     # conversation stages (kind sft, mid = midtraining; see nanojax/data/chat.py)
     d.train_tasks = ""  # task mixture, e.g. "smoltalk:train, mmlu/auxiliary_train:train, gsm8k/main:train"
     d.val_tasks = ""  # e.g. "smoltalk:test"
@@ -142,6 +164,22 @@ def default_config() -> ml_collections.ConfigDict:
     r.eval_examples = 400  # pass@k on the first eval_examples questions of data.val_tasks
     r.eval_samples = 8  # k = 1 .. eval_samples (sampled at rl.temperature, rl.top_k)
     c.lock()  # unknown keys fail, naming the key
+    return c
+
+
+def use_nanochat_head(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """nanochat HEAD (92d63d4)'s recipe on a config: its model family, its MuonAdamW with scripts/base_train.py's
+    defaults (no clipping, warmup 40 steps, warmdown 0.65 to 0.05, momentum 0.85 → 0.97 → 0.90, weight decay
+    0.28, the automatic batch size, data:param ratio 12), ClimbMix with best-fit packing, a 32,768 vocabulary."""
+    c.model.family = "head"
+    c.model.vocab_size = 32768
+    c.optim.kind = "head"
+    c.optim.embedding_lr, c.optim.unembedding_lr, c.optim.weight_decay = 0.3, 0.008, 0.28
+    c.optim.muon_momentum_end, c.optim.muon_momentum_warmup_steps, c.optim.warmup_steps = 0.97, 400, 40
+    t = c.train
+    t.grad_clip, t.warmdown_ratio, t.final_lr_frac, t.target_param_data_ratio = 0.0, 0.65, 0.05, 12.0
+    t.total_batch_size = -1
+    c.data.dataset, c.data.packing = "climbmix", "bestfit"
     return c
 
 
@@ -211,6 +249,15 @@ class ModelConfig:
     compute_dtype: str
     param_dtype: str
     loss_chunk_size: int
+    family: str = "launch"
+    window_pattern: str = "L"
+    value_embeds: bool = False
+    smear: bool = False
+    backout: bool = False
+    layer_lambdas: bool = False
+    qk_scale: float = 1.0
+    vocab_multiple: int = 1
+    init: str = "launch"
 
     @classmethod
     def of(cls, m) -> ModelConfig:
@@ -231,6 +278,7 @@ class ModelConfig:
             values["n_head"] = math.ceil(values["width"] / values["head_dim"])
         if values["n_kv_head"] <= 0:
             values["n_kv_head"] = values["n_head"]
+        _fill_family(values)
         mc = cls(**values)
         if mc.n_head % mc.n_kv_head:
             raise ValueError(f"model.n_head={mc.n_head} must be a multiple of model.n_kv_head={mc.n_kv_head}")
@@ -238,18 +286,81 @@ class ModelConfig:
             raise ValueError(f"model.remat={mc.remat!r}: expected one of auto, none, full, dots")
         return mc
 
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and lm_head: vocab_size rounded up to vocab_multiple (logits are sliced back)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window (None: full context), nanochat HEAD's rule: window_pattern tiled over
+        the layers, S = a quarter of seq_len rounded up to 128, the last layer always full."""
+        short = -(-self.seq_len // 4 // 128) * 128
+        pattern = self.window_pattern.upper()
+        windows = [short if pattern[i % len(pattern)] == "S" and short < self.seq_len else None
+                   for i in range(self.depth)]
+        windows[-1] = None
+        return tuple(windows)
+
+    def ve_layers(self) -> tuple[int, ...]:
+        """Layers with a value embedding (HEAD: alternating, the last included); index j of the stack is layer
+        ve_layers()[j]."""
+        if not self.value_embeds:
+            return ()
+        return tuple(i for i in range(self.depth) if i % 2 == (self.depth - 1) % 2)
+
     def param_counts(self) -> tuple[int, int]:
-        """(total, embedding) parameter counts, from the shapes alone."""
-        d, L, V = self.width, self.depth, self.vocab_size
+        """(total, embedding) parameter counts, from the shapes alone; embedding = the lookup tables."""
+        d, L, V = self.width, self.depth, self.padded_vocab
         q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        n_ve = len(self.ve_layers())
         attn = d * q + 2 * d * kv + q * d
         mlp = 2 * d * self.mlp_ratio * d
-        return V * d + L * (attn + mlp) + d * V, V * d
+        lookup = V * d + n_ve * V * kv
+        extras = n_ve * VE_GATE_CHANNELS * self.n_kv_head + 2 * L * self.layer_lambdas
+        extras += (SMEAR_CHANNELS + 1) * self.smear + self.backout
+        return lookup + L * (attn + mlp) + d * V + extras, lookup
+
+    def num_matmul_params(self) -> int:
+        """Parameters that multiply the token stream (2 FLOPs each forward): HEAD's `num_matmul_params`."""
+        d, L = self.width, self.depth
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        gates = len(self.ve_layers()) * VE_GATE_CHANNELS * self.n_kv_head + SMEAR_CHANNELS * self.smear
+        return L * (2 * d * q + 2 * d * kv + 2 * d * self.mlp_ratio * d) + d * self.padded_vocab + gates
 
     def flops_per_token(self) -> float:
-        """nanochat's estimate: 6·(params − embedding) + 12·L·H·E·T (attention scores and values)."""
-        total, embedding = self.param_counts()
-        return 6 * (total - embedding) + 12 * self.depth * self.n_head * self.head_dim * self.seq_len
+        """nanochat's estimate: 6·(matmul params) + Σ_layers 12·H·E·min(window, T) (attention scores and values);
+        at launch (no windows, no gates) this is 6·(params − embedding) + 12·L·H·E·T."""
+        attn = sum(12 * self.n_head * self.head_dim * min(w or self.seq_len, self.seq_len)
+                   for w in self.layer_windows())
+        return 6 * self.num_matmul_params() + attn
+
+
+VE_GATE_CHANNELS = 12  # HEAD's value-embedding gate reads the first 12 channels of the block input
+SMEAR_CHANNELS = 24  # HEAD's smear gate reads the first 24 channels of the embedding
+FAMILIES = {  # what each "family" key (−1 / "family") becomes
+    "launch": dict(window_pattern="L", value_embeds=0, smear=0, backout=0, layer_lambdas=0, qk_scale=1.0,
+                   rope_base=10000.0, vocab_multiple=1, init="launch"),
+    "head": dict(window_pattern="SSSL", value_embeds=1, smear=1, backout=1, layer_lambdas=1, qk_scale=1.2,
+                 rope_base=100000.0, vocab_multiple=64, init="head"),
+}
+
+
+def _fill_family(values: dict) -> None:
+    """Replace the family placeholders in `values` (config.model as a dict) by the family's choices."""
+    family = values.get("family", "launch")
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)}")
+    for key, chosen in FAMILIES[family].items():
+        if values.get(key) in (-1, -1.0, "family", None):
+            values[key] = chosen
+    for key in ("value_embeds", "smear", "backout", "layer_lambdas"):
+        if values[key] not in (0, 1, False, True):
+            raise ValueError(f"model.{key}={values[key]!r}: expected -1 (the family's), 0 or 1")
+        values[key] = bool(values[key])
+    pattern = str(values["window_pattern"]).upper()
+    if not pattern or set(pattern) - set("SL"):
+        raise ValueError(f"model.window_pattern={values['window_pattern']!r}: use only S and L")
+    values["window_pattern"] = pattern
 
 
 @functools.lru_cache(maxsize=1)
@@ -263,10 +374,14 @@ def _model_defaults() -> dict:
 
 
 def fill_model_sizes(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Write the derived sizes (width, heads) into `config.model`, so config.json and checkpoints show them."""
+    """Write the derived sizes (width, heads) and the family's choices into `config.model`, so config.json and
+    checkpoints show them (and keep meaning the same model if a family's defaults ever change)."""
     mc = ModelConfig.of(m)
     with m.unlocked():
         m.width, m.n_head, m.n_kv_head = mc.width, mc.n_head, mc.n_kv_head
+        for key in FAMILIES["launch"]:
+            value = getattr(mc, key)
+            setattr(m, key, int(value) if isinstance(value, bool) else value)
     return m
 
 
@@ -337,13 +452,21 @@ RULES = {
     "model.depth": _GE1, "model.aspect_ratio": _GE1, "model.head_dim": _GE1, "model.vocab_size": _GE1,
     "model.seq_len": _GE1, "model.mlp_ratio": _GE1, "model.loss_chunk_size": _GE0,
     "model.width": _AUTO, "model.n_head": _AUTO, "model.n_kv_head": _AUTO,
-    "model.rope_base": _GT0, "model.softcap": _GT0,
+    "model.rope_base": (lambda v: v == -1 or v > 0, "> 0, or -1 (the family's)"), "model.softcap": _GT0,
+    "model.family": _one_of("launch", "head"), "model.init": _one_of("family", "launch", "head"),
+    "model.window_pattern": (lambda v: v == "family" or (bool(v) and set(v.upper()) <= set("SL")),
+                             "\"family\" or a non-empty string of S and L"),
+    **dict.fromkeys(("model.value_embeds", "model.smear", "model.backout", "model.layer_lambdas"),
+                    (lambda v: v in (-1, 0, 1), "-1 (the family's), 0 or 1")),
+    "model.qk_scale": (lambda v: v == -1 or v > 0, "> 0, or -1 (the family's)"),
+    "model.vocab_multiple": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (the family's)"),
     "model.remat": _one_of("auto", "none", "full", "dots"),
     "model.attention_impl": _one_of("auto", "xla", "cudnn", "splash"),
     "model.compute_dtype": _one_of("auto", *_DTYPES), "model.param_dtype": _one_of(*_DTYPES),
     **dict.fromkeys(("mesh.data", "mesh.fsdp", "mesh.tensor"), (_AUTO[0], "≥ 1, or -1 (the rest of the devices)")),
     "mesh.num_devices": (_AUTO[0], "≥ 1, or -1 (every device)"),
-    "train.total_batch_size": _GE1, "train.device_batch_size": _GE1,
+    "train.total_batch_size": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (optim.kind='head': automatic)"),
+    "train.device_batch_size": _GE1,
     "train.num_iterations": (lambda v: v == -1 or v >= 1, "> 0, or -1 to derive it from train.target_param_data_ratio"),
     "train.target_param_data_ratio": _GE0, "train.warmup_ratio": _FRACTION, "train.warmdown_ratio": _FRACTION,
     "train.final_lr_frac": _FRACTION, "train.grad_clip": _GE0, "train.log_every": _GE1,
@@ -356,9 +479,13 @@ RULES = {
     "optim.weight_decay": _GE0, "optim.adam_eps": _GE0, "optim.adam_b1": _BETA, "optim.adam_b2": _BETA,
     "optim.muon_momentum_start": _BETA, "optim.muon_momentum_end": _BETA,
     "optim.muon_momentum_warmup_steps": _GE0, "optim.ns_steps": _GE0, "optim.ns_dtype": _one_of(*_DTYPES),
+    "optim.kind": _one_of("launch", "head"), "optim.scalar_lr": _GE0, "optim.muon_beta2": _BETA,
+    "optim.muon_momentum_final": _BETA, "optim.warmup_steps": (lambda v: v >= -1, "≥ 0, or -1 (train.warmup_ratio)"),
     "data.kind": (_known_kind, "a known data pipeline"),
     "data.num_shards": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (every shard in data.path)"),
     "data.read_threads": _GE1, "data.tokenizer_threads": _GE1, "data.prefetch": _GE0, "data.worker_count": _GE0,
+    "data.dataset": _one_of("fineweb", "climbmix"), "data.packing": _one_of("concat", "bestfit"),
+    "data.bestfit_buffer": _GE1,
     "rl.examples_per_step": _GE1, "rl.num_samples": _GE1, "rl.max_new_tokens": _GE1, "rl.temperature": _GE0,
     "rl.top_k": (lambda v: v >= 0, "≥ 0 (0: no top-k)"), "rl.num_epochs": _GE1, "rl.sample_rows": _GE1,
     "rl.eval_examples": _GE0, "rl.eval_samples": _GE1,
@@ -465,6 +592,12 @@ def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
     validate(config)
     m = ModelConfig.of(fill_model_sizes(config.model))
     t = config.train
+    if config.optim.get("kind", "launch") == "head":  # HEAD's batch size and horizon from the model's size
+        from nanojax.optim_head import fill_head_batch  # (lazy: it imports the model, which imports this)
+
+        fill_head_batch(config)
+    elif t.total_batch_size == -1:
+        raise ValueError("train.total_batch_size=-1 (automatic, nanochat HEAD's rule) needs optim.kind='head'")
     data, fsdp, _ = mesh_shape(config.mesh, num_devices)
     dp = data * fsdp
     micro_rows = t.device_batch_size * dp

@@ -27,6 +27,7 @@ from nanojax.checkpoint import Checkpointer, load_model, read_meta
 from nanojax.config import ModelConfig, default_config
 from nanojax.console import quiet_library_logs
 from nanojax.model import GPT
+from nanojax.model_head import head_extra_keys, head_extras_to_nanochat, nanochat_family, nanochat_head_to_params
 from nanojax.tokenizer import load_for_config
 
 BLOCK_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -44,6 +45,8 @@ def model_config_from_nanochat(meta_model_config: dict):
     m.head_dim = int(mc["n_embd"]) // int(mc["n_head"])
     m.vocab_size = int(mc["vocab_size"])
     m.seq_len = int(mc["sequence_len"])
+    if "window_pattern" in mc:  # nanochat HEAD's GPTConfig (92d63d4 has window_pattern; launch had not)
+        m.family, m.window_pattern = "head", str(mc["window_pattern"])
     ModelConfig.of(m)  # validates (e.g. heads that do not group)
     return c
 
@@ -75,6 +78,7 @@ def params_to_nanochat(params: dict) -> dict[str, np.ndarray]:
         stacked = np.asarray(params["blocks"][group][layer]["kernel"])
         for i in range(depth):
             out[f"transformer.h.{i}.{name}.weight"] = stacked[i].T
+    out.update(head_extras_to_nanochat(params))  # HEAD's value embeddings, gates and scalars, when present
     return out
 
 
@@ -107,7 +111,8 @@ def write_run(out_dir: str, config, state_dict: dict[str, np.ndarray], step: int
         config.run_dir = str(out_dir)
         if tokenizer is not None:
             config.data.tokenizer_dir = str(tokenizer.save(pathlib.Path(out_dir) / "tokenizer"))
-    pure = nanochat_to_params(state_dict, config.model.depth)
+    mc = ModelConfig.of(config.model)
+    pure = nanochat_head_to_params(state_dict, mc) if head_extra_keys(mc) else nanochat_to_params(state_dict, mc.depth)
     model = fill_state(GPT(config.model, rngs=nnx.Rngs(0)), pure)
     params = nnx.state(model, nnx.Param)
     ckptr = Checkpointer(out_dir, max_to_keep=1, async_save=False)
@@ -156,10 +161,12 @@ def to_nanochat(run_dir: str, step: int | None, out_dir: str) -> str:
     _, step = read_meta(run_dir, step)
     model, _, config = load_model(run_dir, step)
     sd = params_to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    m = config.model
+    m = ModelConfig.of(config.model)
     meta = {"step": step, "model_config": {"sequence_len": m.seq_len, "vocab_size": m.vocab_size,
                                            "n_layer": m.depth, "n_head": m.n_head, "n_kv_head": m.n_kv_head,
                                            "n_embd": m.width}}
+    if nanochat_family(m) == "head":
+        meta["model_config"]["window_pattern"] = m.window_pattern
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, out / f"model_{step:06d}.pt")

@@ -118,7 +118,8 @@ def _prefill(graphdef, params, tokens_BT, lengths_B, key, step, temperature, *, 
     h_BTD, cache = model.hidden(tokens_BT, model.empty_cache(tokens_BT.shape[0], cache_len))
     h_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     rep = lambda a, axis: jnp.repeat(a, repeat, axis=axis)
-    cache = KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(lengths_B.astype(jnp.int32), 0))
+    cache = KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(lengths_B.astype(jnp.int32), 0),
+                    None if cache.tokens is None else rep(cache.tokens, 0))
     logits_BV = rep(model.logits(h_BD), 0)  # rows of the replicated batch
     return sample(jax.random.fold_in(key, step), logits_BV, temperature, top_k, greedy), logits_BV, cache
 

@@ -1,4 +1,8 @@
-"""nanochat's launch GPT (commit 3a5e0bc) in Flax NNX: one forward for training, prefill and decode.
+"""nanochat's GPT in Flax NNX: one forward for training, prefill and decode.
+
+`model.family` picks the nanochat version: "launch" (3a5e0bc, the default) or "head" (92d63d4), whose options
+(per-layer sliding windows, value embeddings, smear, backout, per-layer lambdas, QK scale, padded vocabulary,
+init) are read by these same blocks; their parameters and helpers live in `nanojax.model_head`.
 
 `model(tokens_BT) -> logits_BTV` trains and evaluates; `model(tokens_BT, cache) -> (logits_BTV, cache)` runs the
 same blocks on tokens appended at each row's cache position (prefill: many tokens, decode: one), as nanochat's
@@ -24,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nanojax.attention import ACT_HEADS, ACT_KV_HEADS, attention_implementation, cached_attention, causal_attention
 from nanojax.config import ModelConfig
+from nanojax.model_head import gated_value_embedding, head_init_blocks, head_params, smear
 from nanojax.sharding import constrain, logical_to_spec
 
 Dtype = jnp.dtype
@@ -91,16 +96,25 @@ class KVCache(NamedTuple):
     k: jax.Array  # (L, B, K, S, E)
     v: jax.Array  # (L, B, K, S, E)
     pos: jax.Array  # (B,) int32: positions already written per row
+    tokens: jax.Array | None = None  # (B, S) int32 token ids per slot, kept when the model smears (the
+    # previous token of a decode step is read back from here, so right-padded prefills and slot moves stay exact)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, rows: int, length: int, dtype: Dtype) -> KVCache:
         shape = (cfg.depth, rows, cfg.n_kv_head, length, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((rows,), jnp.int32))
+        tokens = jnp.zeros((rows, length), jnp.int32) if cfg.smear else None
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((rows,), jnp.int32), tokens)
 
     def write(self, layer, k_BTKE: jax.Array, v_BTKE: jax.Array) -> KVCache:
         """Layer `layer`'s new keys and values at each row's positions pos..pos+T−1."""
         return self._replace(k=_write_rows(self.k, layer, k_BTKE, self.pos),
                              v=_write_rows(self.v, layer, v_BTKE, self.pos))
+
+    def write_tokens(self, tokens_BT: jax.Array) -> KVCache:
+        """The call's token ids at each row's positions pos..pos+T−1 (only when the cache keeps tokens)."""
+        new_BT = tokens_BT.astype(jnp.int32)
+        rows = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (p,)))(self.tokens, new_BT, self.pos)
+        return self._replace(tokens=rows)
 
 
 def _write_rows(c_LBKSE: jax.Array, layer, new_BTKE: jax.Array, pos_B: jax.Array) -> jax.Array:
@@ -190,20 +204,26 @@ class Attention(nnx.Module):
         self.c_k = Dense(d, cfg.n_kv_head * E, ("embed", "kv_heads"), **kw)
         self.c_v = Dense(d, cfg.n_kv_head * E, ("embed", "kv_heads"), **kw)
         self.c_proj = Dense(cfg.n_head * E, d, ("heads", "embed"), zero_init=True, **kw)
+        self.qk_scale = cfg.qk_scale
         self.implementation = attention_implementation(cfg.attention_impl, dtype, cfg.n_head, cfg.n_kv_head, E,
                                                       cfg.seq_len)
 
     def __call__(self, x_BTD, at: Positions, *, window: int | None = None, cache: KVCache | None = None,
-                 layer=0) -> tuple[jax.Array, KVCache | None]:
+                 layer=0, v_add_BTKE=None) -> tuple[jax.Array, KVCache | None]:
         """(output, cache): with a cache, this layer's keys/values are written at the rows' positions and
-        the queries attend to the cache; without one, to the call's own positions (training)."""
+        the queries attend to the cache; without one, to the call's own positions (training).
+        `v_add_BTKE` (the gated value embedding) is added to the values."""
         B, T, _ = x_BTD.shape
         H, K, E = self.n_head, self.n_kv_head, self.head_dim
         q_BTHE = constrain(self.c_q(x_BTD).reshape(B, T, H, E), ACT_HEADS)
         k_BTKE = constrain(self.c_k(x_BTD).reshape(B, T, K, E), ACT_KV_HEADS)
         v_BTKE = constrain(self.c_v(x_BTD).reshape(B, T, K, E), ACT_KV_HEADS)
+        if v_add_BTKE is not None:
+            v_BTKE = v_BTKE + v_add_BTKE.astype(v_BTKE.dtype)
         q_BTHE = rms_norm(apply_rope(q_BTHE, at.cos_BTF, at.sin_BTF))
         k_BTKE = rms_norm(apply_rope(k_BTKE, at.cos_BTF, at.sin_BTF))
+        if self.qk_scale != 1.0:
+            q_BTHE, k_BTKE = q_BTHE * self.qk_scale, k_BTKE * self.qk_scale
         if cache is None:
             y_BTHE = causal_attention(q_BTHE, k_BTKE, v_BTKE, window, self.implementation)
         else:
@@ -229,8 +249,11 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_BTD, at: Positions, *, window: int | None = None, cache: KVCache | None = None,
-                 layer=0) -> tuple[jax.Array, KVCache | None]:
-        a_BTD, cache = self.attn(rms_norm(x_BTD), at, window=window, cache=cache, layer=layer)
+                 layer=0, ve=None) -> tuple[jax.Array, KVCache | None]:
+        """`ve`: None, or (this layer's value embedding (B, T, K, E), its gate kernel (12, K))."""
+        xn_BTD = rms_norm(x_BTD)
+        v_add_BTKE = None if ve is None else gated_value_embedding(xn_BTD, *ve, linear)
+        a_BTD, cache = self.attn(xn_BTD, at, window=window, cache=cache, layer=layer, v_add_BTKE=v_add_BTKE)
         x_BTD = constrain(x_BTD + a_BTD, ACT)
         return constrain(x_BTD + self.mlp(rms_norm(x_BTD)), ACT), cache
 
@@ -259,8 +282,10 @@ class GPT(nnx.Module):
         self.dtype = resolve_dtype(cfg.compute_dtype)
         self.remat = resolve_remat(cfg, self.dtype)
         param_dtype = jnp.dtype(cfg.param_dtype)
-        V, d = cfg.vocab_size, cfg.width
-        self.wte = nnx.Param(jax.random.normal(rngs.params(), (V, d), param_dtype), out_sharding=("vocab", "embed"))
+        V, d, head_init = cfg.padded_vocab, cfg.width, cfg.init == "head"
+        wte_std = 0.8 if head_init else 1.0  # HEAD: N(0, 0.8²); launch: N(0, 1)
+        self.wte = nnx.Param(wte_std * jax.random.normal(rngs.params(), (V, d), param_dtype),
+                             out_sharding=("vocab", "embed"))
 
         @nnx.split_rngs(splits=cfg.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -268,7 +293,13 @@ class GPT(nnx.Module):
             return Block(cfg, dtype=self.dtype, param_dtype=param_dtype, rngs=r)
 
         self.blocks = make_blocks(rngs)
-        self.lm_head = nnx.Param(jnp.zeros((d, V), param_dtype), out_sharding=("embed", "vocab"))
+        if head_init:
+            head_init_blocks(self.blocks, cfg, rngs)
+        lm_head = 0.001 * jax.random.normal(rngs.params(), (d, V), param_dtype) if head_init else \
+            jnp.zeros((d, V), param_dtype)  # HEAD: N(0, 0.001²); launch: zeros
+        self.lm_head = nnx.Param(lm_head, out_sharding=("embed", "vocab"))
+        for name, param in head_params(cfg, param_dtype=param_dtype, rngs=rngs).items():
+            setattr(self, name, param)
 
     def empty_cache(self, rows: int, length: int) -> KVCache:
         return KVCache.empty(self.cfg, rows, length, self.dtype)
@@ -286,11 +317,44 @@ class GPT(nnx.Module):
         else:
             pos_BT = cache.pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         at = positions(pos_BT, cfg.head_dim, cfg.rope_base, self.dtype)
-        x_BTD = constrain(rms_norm(jnp.take(self.wte[...], tokens_BT, axis=0).astype(self.dtype)), ACT)
-        x_BTD, new_cache = self._run_blocks(x_BTD, at, cache)
+        x_BTD = constrain(self.embed(tokens_BT), ACT)
+        if cfg.smear:
+            x_BTD = self._smear(x_BTD, tokens_BT, cache)
+            if cache is not None:
+                cache = cache.write_tokens(tokens_BT)
+        if self._uniform_layers():
+            x_BTD, new_cache = self._run_blocks(x_BTD, at, cache)
+        else:
+            x_BTD, new_cache = self._run_head_blocks(x_BTD, tokens_BT, at, cache)
         if cache is None:
             return rms_norm(x_BTD)
         return rms_norm(x_BTD), new_cache._replace(pos=cache.pos + T)
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """RMS-normed token embeddings in the compute dtype."""
+        return rms_norm(jnp.take(self.wte[...], tokens_BT, axis=0).astype(self.dtype))
+
+    def _smear(self, x_BTD, tokens_BT, cache: KVCache | None):
+        """HEAD's smear: each position mixes in the previous token's normed embedding; the first position of a
+        cached call reads its previous token from the cache (none at position 0)."""
+        T = tokens_BT.shape[1]
+        if cache is None:
+            prev_B1D = jnp.zeros_like(x_BTD[:, :1])
+            has_prev_BT = jnp.broadcast_to(jnp.arange(T) > 0, tokens_BT.shape)
+        else:
+            if cache.tokens is None:
+                raise ValueError("model.smear needs a cache that keeps token ids: build it with model.empty_cache "
+                                 "and keep its `tokens` field when copying or rebuilding it")
+            before_B1 = jnp.take_along_axis(cache.tokens, jnp.maximum(cache.pos - 1, 0)[:, None], axis=1)
+            prev_B1D = self.embed(before_B1)
+            has_prev_BT = (cache.pos[:, None] + jnp.arange(T)[None, :]) > 0
+        prev_BTD = jnp.concatenate([prev_B1D, x_BTD[:, :-1]], axis=1)
+        return smear(x_BTD, prev_BTD, has_prev_BT, self.smear_gate[...], self.smear_lambda[...], linear)
+
+    def _uniform_layers(self) -> bool:
+        """Every layer alike (the launch model): one block function under nnx.scan."""
+        cfg = self.cfg
+        return not (cfg.value_embeds or cfg.layer_lambdas or cfg.backout) and set(cfg.layer_windows()) == {None}
 
     def _run_blocks(self, x_BTD, at: Positions, cache: KVCache | None):
         """Every block in order, under nnx.scan or a Python loop; the cache rides along in the carry."""
@@ -311,9 +375,78 @@ class GPT(nnx.Module):
             x_BTD, cache = block_fn(block, x_BTD, cache, i)
         return x_BTD, cache
 
+    def _run_head_blocks(self, x_BTD, tokens_BT, at: Positions, cache: KVCache | None):
+        """Layers that differ (windows, value embeddings, per-layer lambdas, backout). With scan_layers, a
+        jax.lax.scan over whole periods of the pattern (the layers at one place of every period are alike:
+        the same static window, a value embedding or not), then the rest unrolled (a partial period and the
+        last layer, always full); without it, every layer unrolled. Both run the same per-layer function."""
+        cfg, (B, T) = self.cfg, tokens_BT.shape
+        L, windows, backout_at = cfg.depth, cfg.layer_windows(), cfg.depth // 2
+        graphdef, state = nnx.split(self.blocks)
+        x0_BTD = x_BTD
+        lambdas = (self.resid_lambdas[...], self.x0_lambdas[...]) if cfg.layer_lambdas else None
+        ve_tables = (self.value_embeds[...], self.ve_gate[...]) if cfg.value_embeds else None
+        has_ve = set(cfg.ve_layers())
+        block_fns = {(w, scanned): self._block_fn(w, scanned) for w in set(windows) for scanned in (False, True)}
+
+        def run_layer(block_state, x, cache, layer, place, lam, ve, scanned=False):
+            """Layer `layer` (maybe traced), alike to the static layer index `place`."""
+            if lam is not None:
+                x = lam[0].astype(x.dtype) * x + lam[1].astype(x.dtype) * x0_BTD
+            if ve is not None:
+                table, gate = ve  # (padded vocab, K·E), (12, K)
+                ve = (jnp.take(table, tokens_BT, axis=0).astype(self.dtype).reshape(
+                    B, T, cfg.n_kv_head, cfg.head_dim), gate)
+            return block_fns[windows[place], scanned](nnx.merge(graphdef, block_state), x, at, cache, layer, ve)
+
+        period = math.lcm(len(cfg.window_pattern), 2 if cfg.value_embeds else 1)
+        periods = (L - 1) // period if cfg.scan_layers else 0
+        first = periods * period
+        x_back = jnp.zeros_like(x_BTD) if cfg.backout else None
+        if periods:
+            def by_period(a):
+                return a[:first].reshape(periods, period, *a.shape[1:])
+
+            xs = {"k": jnp.arange(periods), "state": jax.tree.map(by_period, state),
+                  "lam": None if lambdas is None else tuple(by_period(a) for a in lambdas),
+                  "ve": None if ve_tables is None else tuple(
+                      a[:first // 2].reshape(periods, period // 2, *a.shape[1:]) for a in ve_tables)}
+
+            def body(carry, xs):
+                x, cache, x_back = carry
+                for p in range(period):
+                    lam = None if xs["lam"] is None else (xs["lam"][0][p], xs["lam"][1][p])
+                    ve = (xs["ve"][0][p // 2], xs["ve"][1][p // 2]) if p in has_ve else None
+                    x, cache = run_layer(jax.tree.map(lambda a, p=p: a[p], xs["state"]), x, cache,
+                                         xs["k"] * period + p, p, lam, ve, scanned=True)
+                    if x_back is not None and backout_at < first and p == backout_at % period:
+                        x_back = jnp.where(xs["k"] == backout_at // period, x, x_back)
+                return (x, cache, x_back), None
+
+            (x_BTD, cache, x_back), _ = jax.lax.scan(body, (x_BTD, cache, x_back), xs)
+        for i in range(first, L):
+            lam = None if lambdas is None else (lambdas[0][i], lambdas[1][i])
+            ve = (ve_tables[0][i // 2], ve_tables[1][i // 2]) if i in has_ve else None
+            x_BTD, cache = run_layer(jax.tree.map(lambda a, i=i: a[i], state), x_BTD, cache, i, i, lam, ve)
+            if i == backout_at and x_back is not None:
+                x_back = x_BTD
+        if x_back is not None:  # HEAD's backout: remove the mid-layer residual before the final norm
+            x_BTD = x_BTD - self.backout_lambda[...].astype(x_BTD.dtype) * x_back
+        return x_BTD, cache
+
+    def _block_fn(self, window: int | None, scanned: bool):
+        """A block call with a static window (what cuDNN and splash need), rematerialised per model.remat
+        (outside a scan, with CSE prevented so XLA cannot merge the recomputation back into the forward)."""
+        def block_fn(block, x, at, cache, layer, ve):
+            return block(x, at, window=window, cache=cache, layer=layer, ve=ve)
+
+        if self.remat == "none":
+            return block_fn
+        return nnx.remat(block_fn, policy=_REMAT_POLICIES[self.remat], prevent_cse=not scanned)
+
     def logits(self, h_ND: jax.Array) -> jax.Array:
         """lm_head then the float32 softcap 15·tanh(x/15)."""
-        z_NV = linear(h_ND, self.lm_head[...].astype(self.dtype), jnp.float32)
+        z_NV = linear(h_ND, self.lm_head[...].astype(self.dtype), jnp.float32)[..., :self.cfg.vocab_size]
         cap = self.cfg.softcap
         return cap * jnp.tanh(z_NV.astype(jnp.float32) / cap)
 
@@ -345,7 +478,7 @@ class GPT(nnx.Module):
         cap = self.cfg.softcap
 
         def chunk_loss(h_BPD, y_BP):
-            z_BPV = linear(h_BPD, head_DV, jnp.float32)
+            z_BPV = linear(h_BPD, head_DV, jnp.float32)[..., :self.cfg.vocab_size]  # padded rows dropped
             z_BPV = constrain(z_BPV, ("batch", None, "vocab"))
             z_BPV = cap * jnp.tanh(z_BPV / cap)
             lse_BP = jax.nn.logsumexp(z_BPV, axis=-1)

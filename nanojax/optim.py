@@ -20,8 +20,12 @@ from nanojax.model import param_name
 
 def lr_multiplier(step, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float):
     """nanochat base_train: linear warmup, constant, linear warmdown to `final_lr_frac` (step is 0-based)."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
+    return lr_multiplier_steps(step, num_iterations, round(warmup_ratio * num_iterations),
+                               round(warmdown_ratio * num_iterations), final_lr_frac)
+
+
+def lr_multiplier_steps(step, num_iterations: int, warmup: int, warmdown: int, final_lr_frac: float):
+    """The same schedule with warmup and warmdown given in steps (nanochat HEAD's warmup is a step count)."""
     step = jnp.asarray(step, jnp.float32)
     ramp = (step + 1) / max(warmup, 1)
     progress = (num_iterations - step) / max(warmdown, 1)
@@ -128,6 +132,11 @@ def group_of(name: str, ndim: int) -> str:
         return "unembedding"
     if name.startswith("blocks.") and ndim >= 2:
         return "muon"
+    # nanochat HEAD's extras, on the launch optimizer's AdamW groups until HEAD's optimizer gives them their own
+    # (nanojax.optim_head): lookup tables with the embedding; gates and per-layer scalars never on Muon
+    if name in ("value_embeds", "ve_gate", "resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda",
+                "backout_lambda"):
+        return "embedding"
     raise ValueError(f"parameter {name!r} (ndim {ndim}) belongs to no optimizer group; add it to optim.group_of")
 
 
@@ -144,7 +153,12 @@ def base_lrs(config) -> dict[str, float]:
 
 
 def build_optimizer(config, num_iterations: int) -> optax.GradientTransformation:
-    """The full optimizer: torch-style global-norm clip, then Muon / AdamW per group, with schedules."""
+    """The full optimizer: torch-style global-norm clip, then Muon / AdamW per group, with schedules.
+    `optim.kind="head"` is nanochat HEAD's MuonAdamW instead (nanojax.optim_head)."""
+    if config.optim.get("kind", "launch") == "head":
+        from nanojax.optim_head import build_head_optimizer  # imports this module
+
+        return build_head_optimizer(config, num_iterations)
     o, t = config.optim, config.train
     lrs = base_lrs(config)
 
@@ -177,6 +191,20 @@ def build_optimizer(config, num_iterations: int) -> optax.GradientTransformation
 
 def current_lrs(config, num_iterations: int, step: int) -> dict[str, float]:
     """Each group's learning rate at `step` (for the log)."""
+    if config.optim.get("kind", "launch") == "head":
+        from nanojax.optim_head import current_head_lrs
+
+        return current_head_lrs(config, num_iterations, step)
     t = config.train
     mult = float(lr_multiplier(step, num_iterations, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac))
     return {f"lr_{'matrix' if group == 'muon' else group}": lr * mult for group, lr in base_lrs(config).items()}
+
+
+def current_muon_momentum(config, num_iterations: int, step: int) -> float:
+    """Muon's momentum at `step` (for the log), by the recipe's own schedule."""
+    o = config.optim
+    if o.get("kind", "launch") == "head":
+        from nanojax.optim_head import current_head_muon_momentum
+
+        return current_head_muon_momentum(config, num_iterations, step)
+    return float(muon_momentum(step, o.muon_momentum_start, o.muon_momentum_end, o.muon_momentum_warmup_steps))

@@ -30,7 +30,7 @@ from nanojax.console import log, quiet_library_logs
 from nanojax.data import canonical_kind, make_iterator
 from nanojax.loggers import MetricsLoggers, logger_names
 from nanojax.model import GPT, eval_sums
-from nanojax.optim import build_optimizer, current_lrs, muon_momentum
+from nanojax.optim import build_optimizer, current_lrs, current_muon_momentum
 from nanojax.profiling import StepProfiler
 from nanojax.remat import choose_remat, peak_bytes
 from nanojax.tokenizer import load_for_config, tokenizer_dir_for
@@ -38,9 +38,7 @@ from nanojax.tokenizer import load_for_config, tokenizer_dir_for
 
 def setup_jax():
     """Persistent compilation cache under $NANOJAX_HOME, and multi-host start-up when asked for."""
-    if os.environ.get("NANOJAX_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        if not jax.distributed.is_initialized():
-            jax.distributed.initialize()
+    shd.start_distributed()
     jax.config.update("jax_compilation_cache_dir", str(paths.home() / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
@@ -224,7 +222,9 @@ def next_train_batch(it, state: TrainState) -> dict:
 
 
 def validation_metrics(state: TrainState, params, tokenizer) -> dict:
-    """Validation loss and bits per byte over `train.eval_tokens` tokens of the validation split."""
+    """Validation loss and bits per byte over `train.eval_tokens` tokens of the validation split. Each process
+    reads its own data stream of it, so the rows scored depend on the process count (`nanojax.evaluate`'s bpb,
+    one stream on every host, does not)."""
     config, rows = state.config, state.derived.global_micro_batch
     local_rows = rows // jax.process_count()
     steps = max(1, config.train.eval_tokens // (rows * config.model.seq_len))
@@ -246,6 +246,8 @@ def validation_metrics(state: TrainState, params, tokenizer) -> dict:
             batch = global_batch(local, state.eval_sharding, 0, rows)
             out = state.eval_step(params, batch["inputs"], batch["targets"], token_bytes)
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+            if jax.process_count() > 1:  # many queued cross-process programs deadlock CPU collectives (gloo)
+                totals = jax.block_until_ready(totals)
     finally:
         it.close()
     if totals is None:
@@ -317,12 +319,10 @@ class StepReporter:
         self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
         self.dt_ema = dt if self.dt_ema is None else 0.9 * self.dt_ema + 0.1 * dt
         tok_s = config.train.total_batch_size / dt
-        o = config.optim
         rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
                "loss_tokens": int(m["tokens"]),  # targets that counted (SFT: assistant tokens only)
                "step_time_s": dt, "data_wait_s": data_wait, **current_lrs(config, self.total, step),
-               "muon_momentum": float(muon_momentum(step, o.muon_momentum_start, o.muon_momentum_end,
-                                                    o.muon_momentum_warmup_steps))}
+               "muon_momentum": current_muon_momentum(config, self.total, step)}
         mfu = self.derived.mfu(tok_s, self.device_kind)
         if mfu is not None:
             rec["mfu"] = mfu
@@ -360,7 +360,9 @@ class StopFlag:
         if self.signum is not None:  # second signal: give up at once, one line and no traceback
             self.exit_now(signum)
         self.signum = signum
-        log(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+        where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""  # whichever host got it
+        print(f"\nreceived {signal.Signals(signum).name}{where}: saving a checkpoint after this step, then exiting",
+              flush=True)
 
     @staticmethod
     def exit_now(signum):

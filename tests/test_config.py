@@ -104,3 +104,18 @@ def test_shape_legend_gives_each_letter_one_meaning():
     legend = C.ModelConfig.__doc__.split("one meaning each:")[1]
     letters = re.findall(r"(?:^|\s{2,})([A-Z])  ", legend, flags=re.M)
     assert len(letters) == len(set(letters)) >= 14, letters
+
+
+@pytest.mark.parametrize("name", ["gpt2_d24", "tiny_gpt2"])
+def test_nanochat_head_configs_resolve(name):
+    """The HEAD family's configs pick HEAD's model, optimizer and packing, validate, and derive their sizes
+    (gpt2_d24: HEAD's automatic batch size, from the -1 it leaves in the config)."""
+    c = load_config_file(name)
+    C.validate(c)
+    assert (c.model.family, c.optim.kind, c.data.packing) == ("head", "head", "bestfit")
+    assert c.train.grad_clip == 0.0
+    d = C.derive(c, 8)
+    assert c.train.total_batch_size > 0 and d.num_iterations > 0
+    if name == "gpt2_d24":
+        assert c.data.dataset == "climbmix" and c.model.vocab_size == 32768
+        assert C.ModelConfig.of(c.model).layer_windows()[-1] is None  # the last layer sees everything

@@ -28,7 +28,7 @@ class HubServer:
     connection on the next k GETs without answering (the network is gone).
     """
 
-    def __init__(self, files: dict):
+    def __init__(self, files: dict, repo_id: str = fineweb.REPO_ID):
         self.files, self.truncate, self.garbage, self.drop, self.log = files, {}, {}, {}, []
         server = self
 
@@ -38,7 +38,7 @@ class HubServer:
 
             def _route(self):
                 m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
-                if not m or m.group(1) != fineweb.REPO_ID or m.group(3) not in server.files:
+                if not m or m.group(1) != repo_id or m.group(3) not in server.files:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "EntryNotFound")
                     self.send_header("X-Repo-Commit", COMMIT)

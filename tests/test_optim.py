@@ -57,7 +57,7 @@ def test_groups_cover_every_parameter():
     assert sum(v == "muon" for v in flat.values()) == 6
     assert sorted(v for v in flat.values() if v != "muon") == ["embedding", "unembedding"]
     with pytest.raises(ValueError, match="belongs to no optimizer group"):
-        group_of("value_embeds", 2)
+        group_of("not_a_parameter", 2)
 
 
 def test_muon_update_is_scaled_and_per_layer():

@@ -1,8 +1,10 @@
-"""FineWeb-Edu-100B shards: index, on-demand resumable download, integrity checks, local cache.
+"""Pretraining shards (FineWeb-Edu-100B, ClimbMix-400B): index, on-demand resumable download, integrity checks, cache.
 
 The dataset is nanochat's `karpathy/fineweb-edu-100b-shuffle`: 1,823 parquet files `shard_{i:05d}.parquet`
 (one `text` column, row groups of 1,024 documents, ~250M characters each, globally shuffled). The last
 shard (1822) is the validation split, as in nanochat: `download -n N` fetches shards 0..N-1 plus 1822.
+nanochat HEAD's `karpathy/climbmix-400b-shuffle` (`--dataset climbmix`, config `data.dataset`) has the same
+layout and naming with 6,543 shards, validation shard 6542; `DATASETS` holds what differs.
 
 A shard only ever appears under its final name after it has been downloaded completely and its parquet
 footer has been read back (row count > 0), so a partial file is never mistaken for a complete one.
@@ -16,11 +18,13 @@ fetches only the missing ones (a shard is ~100 MB, so at most that is fetched tw
     python -m nanojax.data.fineweb status                   # what is present and whether it reads
     python -m nanojax.data.fineweb download --config configs/base_d20.py   # 216 + val
     python -m nanojax.data.fineweb shards-needed --tokens 11.2e9
+    python -m nanojax.data.fineweb download -n 170 --dataset climbmix   # HEAD's speedrun: 170 + val
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import os
@@ -51,24 +55,49 @@ STAGING = ".partial"
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """What differs between the pretraining datasets; both use `shard_{i:05d}.parquet`, last shard = val."""
+    repo_id: str
+    num_shards: int
+    dir_name: str  # under $NANOJAX_HOME/data
+
+    @property
+    def val_shard(self) -> int:
+        return self.num_shards - 1
+
+
+DATASETS = {
+    "fineweb": Dataset(REPO_ID, NUM_SHARDS, "fineweb"),  # nanochat at launch (3a5e0bc)
+    "climbmix": Dataset("karpathy/climbmix-400b-shuffle", 6543, "climbmix"),  # nanochat HEAD (92d63d4)
+}
+
+
+def dataset_info(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset={name!r} is not a known pretraining dataset (known: {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
 class CorruptShardError(ValueError):
     """A parquet file whose footer does not read, has no rows, or has no `text` column."""
 
 
-def shard_name(index: int) -> str:
-    if not 0 <= index < NUM_SHARDS:
-        raise ValueError(f"shard index {index} out of range 0..{NUM_SHARDS - 1}")
+def shard_name(index: int, dataset: str = "fineweb") -> str:
+    count = dataset_info(dataset).num_shards
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} out of range 0..{count - 1}")
     return f"shard_{index:05d}.parquet"
 
 
-def default_dir() -> pathlib.Path:
-    return paths.data_dir("fineweb")
+def default_dir(dataset: str = "fineweb") -> pathlib.Path:
+    return paths.data_dir(dataset_info(dataset).dir_name)
 
 
-def _resolve_dir(directory) -> str:
+def _resolve_dir(directory, dataset: str = "fineweb") -> str:
     """A local dir (as str, `~` expanded) or a URI such as gs://bucket/path, unchanged."""
     if directory is None or str(directory) == "":
-        return str(default_dir())
+        return str(default_dir(dataset))
     s = str(directory)
     return s if "://" in s else str(pathlib.Path(s).expanduser())
 
@@ -77,21 +106,23 @@ def _is_remote(path: str) -> bool:
     return paths.is_url(path)
 
 
-def download_command(n: int | None = None, directory=None) -> str:
+def download_command(n: int | None = None, directory=None, dataset: str = "fineweb") -> str:
     cmd = f"python -m nanojax.data.fineweb download -n {n if n is not None else 'N'}"
-    if directory is not None and pathlib.Path(str(directory)) != default_dir():
+    if dataset != "fineweb":
+        cmd += f" --dataset {dataset}"
+    if directory is not None and pathlib.Path(str(directory)) != default_dir(dataset):
         cmd += f" --dir {directory}"
     return cmd
 
 
-def list_shards(directory=None) -> list[str]:
+def list_shards(directory=None, dataset: str = "fineweb") -> list[str]:
     """All `*.parquet` files directly in `directory` (local or gs://), sorted by name, or the one local
     .parquet file given. Every reader of parquet text lists its files here (training, tokenizer CLI).
 
     Hidden files, the staging folder and `.corrupt` files are ignored. Raises FileNotFoundError saying
     where it looked when there are none, so a wrong path fails at start-up rather than at step 0.
     """
-    d = _resolve_dir(directory)
+    d = _resolve_dir(directory, dataset)
     if not _is_remote(d) and d.endswith(".parquet") and pathlib.Path(d).is_file():
         return [d]
     if _is_remote(d):
@@ -108,7 +139,7 @@ def list_shards(directory=None) -> list[str]:
         raise FileNotFoundError(
             f"no .parquet files in {d} (looked for *.parquet"
             f"{'' if _is_remote(d) or pathlib.Path(d).is_dir() else '; the directory does not exist'}). "
-            f"Download FineWeb-Edu shards with: {download_command(8, d)} (8 shards are 2B characters), "
+            f"Download {dataset} shards with: {download_command(8, d, dataset)} (8 shards are 2B characters), "
             "or point at a directory of parquet files with a 'text' column")
     return found
 
@@ -145,16 +176,18 @@ def iter_parquet_texts(files: Sequence[str | os.PathLike], column: str = "text")
             yield from filter(None, pf.read_row_group(group, columns=[column]).column(0).to_pylist())
 
 
-def train_val_split(files: Sequence[str]) -> tuple[list[str], str]:
-    """(train files, val file). Val is shard_01822 when present, else the last file by name (nanochat v0).
+def train_val_split(files: Sequence[str], dataset: str = "fineweb") -> tuple[list[str], str]:
+    """(train files, val file). Val is the dataset's last shard (FineWeb-Edu: shard_01822) when present, else
+    the last file by name (nanochat v0).
 
     Needs at least two files so that no document is both trained on and used for validation.
     """
     files = sorted(str(f) for f in files)
     if len(files) < 2:
         raise ValueError(f"need at least 2 parquet files (train + val), got {len(files)}: {files}. "
-                         f"Download more with: {download_command(1)}")
-    val = next((f for f in files if f.endswith(shard_name(VAL_SHARD))), files[-1])
+                         f"Download more with: {download_command(1, dataset=dataset)}")
+    val_name = shard_name(dataset_info(dataset).val_shard, dataset)
+    val = next((f for f in files if f.endswith(val_name)), files[-1])
     return [f for f in files if f != val], val
 
 
@@ -263,21 +296,23 @@ def _fetch(name: str, d: pathlib.Path, *, repo_id: str, revision: str, retries: 
 
 
 def ensure_shards(indices: Iterable[int], directory=None, *, download: bool = True, workers: int = 8,
-                  retries: int = 5, backoff: float = 2.0, repo_id: str = REPO_ID, revision: str = "main",
-                  progress: bool = True) -> list[pathlib.Path]:
+                  retries: int = 5, backoff: float = 2.0, repo_id: str | None = None, revision: str = "main",
+                  progress: bool = True, dataset: str = "fineweb") -> list[pathlib.Path]:
     """Make shards `indices` present and readable in `directory`; return their paths in index order.
 
     Present files are footer-checked; a bad one is renamed `*.corrupt` and downloaded again. Missing ones
     are downloaded in parallel (or, offline / with download=False, a FileNotFoundError names them and the
-    command to fetch them).
+    command to fetch them). `dataset` names the shards and the Hub repo (unless `repo_id` is given).
     """
-    d_str = _resolve_dir(directory)
+    info = dataset_info(dataset)
+    repo_id = repo_id or info.repo_id
+    d_str = _resolve_dir(directory, dataset)
     indices = sorted(set(int(i) for i in indices))
     if _is_remote(d_str):
         raise ValueError(f"cannot download into {d_str}: download to a local directory, then copy it "
                          f"(e.g. `gcloud storage cp -r DIR {d_str}`); readers accept gs:// paths directly")
     d = pathlib.Path(d_str)
-    names = [shard_name(i) for i in indices]
+    names = [shard_name(i, dataset) for i in indices]
     missing, corrupt = [], []
     for name in names:
         if not (d / name).exists():
@@ -293,7 +328,7 @@ def ensure_shards(indices: Iterable[int], directory=None, *, download: bool = Tr
         raise FileNotFoundError(
             f"{len(bad)} shard(s) missing or unreadable in {d} and {why}: {', '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}. On a machine with internet run: "
-            f"{download_command(max((i for i in indices if i != VAL_SHARD), default=-1) + 1, d)}")
+            f"{download_command(max((i for i in indices if i != info.val_shard), default=-1) + 1, d, dataset)}")
     for name, e in corrupt:
         moved = _move_aside(d / name)
         log.warning("%s; moved it to %s and downloading it again", e, moved)
@@ -333,9 +368,9 @@ def _download_all(names, d, *, workers, retries, backoff, repo_id, revision, pro
                            f"(completed ones are kept; rerun the same command to resume):\n{lines}")
 
 
-def status(directory=None, verify: bool = True) -> dict:
+def status(directory=None, verify: bool = True, dataset: str = "fineweb") -> dict:
     """Summary of a shard directory: shard files, bytes, rows, corrupt/partial leftovers, train/val split."""
-    d = _resolve_dir(directory)
+    d = _resolve_dir(directory, dataset)
     out = {"dir": d, "files": [], "bytes": 0, "rows": 0, "corrupt": [], "leftovers": []}
     try:
         files = list_shards(d)
@@ -361,7 +396,7 @@ def status(directory=None, verify: bool = True) -> dict:
     idx = sorted(int(m.group(1)) for f in files if (m := SHARD_RE.search(f)))
     out["indices"] = idx
     if len(files) >= 2:
-        train, val = train_val_split(files)
+        train, val = train_val_split(files, dataset)
         out["train_files"], out["val_file"] = len(train), val
     return out
 
@@ -392,6 +427,9 @@ def main(argv=None) -> int:
     st = sub.add_parser("status", help="what is present, whether it reads")
     st.add_argument("--dir", default=None)
     st.add_argument("--no-verify", action="store_true", help="skip reading each parquet footer")
+    for p in (dl, st):
+        p.add_argument("--dataset", default="fineweb", choices=sorted(DATASETS),
+                       help="fineweb: FineWeb-Edu-100B (nanochat at launch); climbmix: ClimbMix-400B (HEAD)")
     sn = sub.add_parser("shards-needed", help="training shards a token budget needs")
     what = sn.add_mutually_exclusive_group(required=True)
     what.add_argument("--tokens", type=float, help="training tokens, e.g. 11.2e9 for d20")
@@ -411,19 +449,20 @@ def main(argv=None) -> int:
     if args.cmd == "download":
         if args.config:
             args.num_shards = shards_needed(config_tokens(args.config))
-        if not 0 <= args.num_shards <= NUM_SHARDS - 1:
-            ap.error(f"-n must be in 0..{NUM_SHARDS - 1}")
-        idx = list(range(args.num_shards)) + ([] if args.no_val else [VAL_SHARD])
+        val_shard = DATASETS[args.dataset].val_shard
+        if not 0 <= args.num_shards <= val_shard:
+            ap.error(f"-n must be in 0..{val_shard}")
+        idx = list(range(args.num_shards)) + ([] if args.no_val else [val_shard])
         try:
-            got = ensure_shards(idx, args.dir, workers=args.workers, retries=args.retries)
+            got = ensure_shards(idx, args.dir, workers=args.workers, retries=args.retries, dataset=args.dataset)
         except (RuntimeError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"{len(got)} shard(s) present in {got[0].parent if got else _resolve_dir(args.dir)}")
+        print(f"{len(got)} shard(s) present in {got[0].parent if got else _resolve_dir(args.dir, args.dataset)}")
         args.dir, args.no_verify = str(got[0].parent) if got else args.dir, True
-    s = status(args.dir, verify=not args.no_verify)
+    s = status(args.dir, verify=not args.no_verify, dataset=args.dataset)
     if not s["files"]:
-        print(f"no parquet shards in {s['dir']}. Download some with: {download_command(8, s['dir'])}")
+        print(f"no parquet shards in {s['dir']}. Download some with: {download_command(8, s['dir'], args.dataset)}")
         return 1
     print(f"{s['dir']}: {len(s['files'])} parquet file(s), {s['bytes'] / 1e9:.2f} GB"
           + (f", {s['rows']:,} documents" if not args.no_verify else ""))

@@ -11,6 +11,7 @@ Per process, per epoch:
   3. `_Pack` concatenates the token stream and cuts it into batch_size rows of seq_len + 1 tokens
      (nanochat at launch: rows may start mid-document, nothing is padded); inputs = row[:-1],
      targets = row[1:]. A finite split drops the final partial batch (jit needs fixed shapes).
+     `packing="bestfit"` packs with `nanojax.data.bestfit` instead (nanochat HEAD: every row starts with BOS).
   4. A background thread keeps `prefetch` batches ready (optionally worker processes, `worker_count`).
 
 Resume is exact: the iterator state is a small JSON dict per data stream (the position of the first row
@@ -43,9 +44,10 @@ import grain
 import numpy as np
 from absl import flags
 
-from nanojax.data import fineweb, layout
+from nanojax.data import bestfit, fineweb, layout
 
-_COUNTERS = ("row_groups", "documents", "empty_documents", "tokens_read")
+_COUNTERS = bestfit.COUNTERS
+PACKINGS = ("concat", "bestfit")
 
 
 def row_groups(files: Sequence[str], threads: int = 16) -> list[tuple[int, int]]:
@@ -159,7 +161,7 @@ class _ReadTokenize:
         step = max(1, -(-len(texts) // (8 * self.threads)))
         chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
         tokens = np.concatenate([np.zeros(0, np.int32), *_pool(self.threads).map(self._encode, chunks)])
-        return {"tokens": tokens, "epoch": epoch, "row_groups": 1, "documents": len(texts),
+        return {"tokens": tokens, "unit": unit, "epoch": epoch, "row_groups": 1, "documents": len(texts),
                 "empty_documents": len(col) - len(texts), "tokens_read": len(tokens)}
 
 
@@ -249,10 +251,7 @@ class _PackIterator(grain.DatasetIterator):
         saved = dict(state.get("meta", self._meta))
         if "batch" in saved:  # written before data streams: {"process": [p, P], "batch": [rows, seq_len]}
             saved["seq_len"] = saved["batch"][1]
-        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self._meta.items() if saved.get(k) != v]
-        if diff:  # resuming on other data or another seq_len would silently feed different batches
-            raise ValueError("the data-iterator state was saved for a different pipeline (" + "; ".join(diff)
-                             + "). Resume with the same shards, seed and seq_len.")
+        bestfit.require_same_pipeline(saved, self._meta)
         self._parent.set_state(state["parent"])
         self._reset(state)
         if self._offset:  # re-read the partly consumed row group now, so get_state stays exact
@@ -262,9 +261,9 @@ class _PackIterator(grain.DatasetIterator):
 
 
 def _packer_states(state) -> list[dict]:
-    """The _PackIterator states inside a (possibly multi-worker) grain state, whatever its nesting."""
+    """The packer states (concat or best-fit) inside a (possibly multi-worker) grain state, whatever its nesting."""
     if isinstance(state, dict):
-        if "stats" in state and "offset" in state:
+        if "stats" in state and "meta" in state:
             return [state]
         return [s for v in state.values() for s in _packer_states(v)]
     if isinstance(state, (list, tuple)):
@@ -366,8 +365,9 @@ class PretrainIterator(grain.DatasetIterator):
 def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_len: int,
                            process_index: int = 0, process_count: int = 1, seed: int = 0,
                            read_threads: int = 2, tokenizer_threads: int = 2, prefetch: int = 2,
-                           worker_count: int = 0, shuffle: bool = True,
-                           num_epochs: int | None = None) -> PretrainIterator:
+                           worker_count: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                           packing: str = "concat", bestfit_buffer: int = bestfit.HEAD_BUFFER_SIZE,
+                           bestfit_chunk: int = bestfit.HEAD_CHUNK) -> PretrainIterator:
     """This process's batches from `files` (local or gs:// parquet with a `text` column).
 
     tokenizer: anything with `.encoding` (tiktoken.Encoding) and `.bos_token_id`.
@@ -376,6 +376,8 @@ def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_l
     shared by all read threads: about one per core the host can spare); prefetch: batches kept ready by
     a background thread; worker_count > 0 adds worker processes (each packs its own share of row groups;
     on a 2-core host they only add start-up time: `python -m nanojax.benchmarks.data`).
+    packing: "concat" (nanochat at launch) or "bestfit" (HEAD: BOS-aligned best-fit over a buffer of
+    `bestfit_buffer` documents, topped up `bestfit_chunk` at a time; `nanojax.data.bestfit`).
     Deterministic for (files, seed, process_index, process_count, worker_count), where a state from
     `set_state` sets the stream count (the process count of the run's start); read_threads,
     tokenizer_threads and prefetch change only speed, never content.
@@ -385,6 +387,8 @@ def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_l
         raise ValueError("make_pretrain_iterator: no files given")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    if packing not in PACKINGS:
+        raise ValueError(f"data.packing={packing!r} is not a packing mode (known: {', '.join(PACKINGS)})")
     groups = row_groups(files)
     read = _ReadTokenize(files, tokenizer.encoding, tokenizer.bos_token_id, tokenizer_threads)
 
@@ -395,7 +399,13 @@ def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_l
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads),
                                                   prefetch_buffer_size=max(1, read_threads)))
         meta = {"data": data_fingerprint(files, units.units, seed, shuffle), "seq_len": seq_len}
-        ds = _Pack(ds, rows, seq_len, max_empty=units.per_epoch, meta=meta)
+        if packing == "bestfit":
+            meta.update(packing="bestfit", bestfit=[bestfit_buffer, bestfit_chunk])
+            ds = bestfit.BestFitPack(ds, read, bos=tokenizer.bos_token_id, batch_size=rows, seq_len=seq_len,
+                                     buffer_size=bestfit_buffer, chunk=bestfit_chunk, max_empty=units.per_epoch,
+                                     meta=meta)
+        else:
+            ds = _Pack(ds, rows, seq_len, max_empty=units.per_epoch, meta=meta)
         if worker_count > 0:
             if not flags.FLAGS.is_parsed():  # grain reads an absl flag in its workers
                 flags.FLAGS.mark_as_parsed()
@@ -406,7 +416,8 @@ def make_pretrain_iterator(files: Sequence, tokenizer, *, batch_size: int, seq_l
         return ds.__iter__(), meta["data"], units
 
     summary = (f"{len(files)} file(s), {{units}} units (row groups), process {process_index}/{process_count} "
-               f"reads {{streams}} ({{per_epoch}}/epoch), batch {batch_size}x{seq_len}, seed {seed}")
+               f"reads {{streams}} ({{per_epoch}}/epoch), batch {batch_size}x{seq_len}, seed {seed}"
+               + (f", best-fit packing (buffer {bestfit_buffer} documents)" if packing == "bestfit" else ""))
     return PretrainIterator(open_stream, batch_size=batch_size, process_index=process_index,
                             process_count=process_count, worker_count=worker_count, summary=summary)
 
@@ -420,7 +431,8 @@ def make_iterator_from_config(config, *, split: str, batch_size: int, process_in
     cheap to recreate for each eval. Optional config.data keys (defaults): num_shards (-1: every parquet
     file in the directory; N > 0: exactly shards 0..N-1 + the val shard, downloading missing ones — on
     a multi-host run with a shared directory, download once beforehand), tokenizer_threads (2),
-    worker_count (0), shuffle (True).
+    worker_count (0), shuffle (True), dataset ("fineweb" | "climbmix": default path, shard names, val
+    shard), packing ("concat" | "bestfit"), bestfit_buffer (1000 documents).
     """
     d = config.data
 
@@ -429,20 +441,23 @@ def make_iterator_from_config(config, *, split: str, batch_size: int, process_in
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    path, n = d.path or str(fineweb.default_dir()), opt("num_shards", -1)
+    dataset = opt("dataset", "fineweb")
+    val_shard = fineweb.dataset_info(dataset).val_shard
+    path, n = d.path or str(fineweb.default_dir(dataset)), opt("num_shards", -1)
     if n > 0:  # exactly shards 0..n-1 + the val shard, whatever else the directory holds
         if "://" in path:
-            train = [f"{path.rstrip('/')}/{fineweb.shard_name(i)}" for i in range(n)]
-            val = f"{path.rstrip('/')}/{fineweb.shard_name(fineweb.VAL_SHARD)}"
+            train = [f"{path.rstrip('/')}/{fineweb.shard_name(i, dataset)}" for i in range(n)]
+            val = f"{path.rstrip('/')}/{fineweb.shard_name(val_shard, dataset)}"
         else:
-            want = [*range(n), fineweb.VAL_SHARD] if split == "train" else [fineweb.VAL_SHARD]
-            *train, val = [str(p) for p in fineweb.ensure_shards(want, path)]
+            want = [*range(n), val_shard] if split == "train" else [val_shard]
+            *train, val = [str(p) for p in fineweb.ensure_shards(want, path, dataset=dataset)]
     else:
-        train, val = fineweb.train_val_split(fineweb.list_shards(path))
+        train, val = fineweb.train_val_split(fineweb.list_shards(path, dataset), dataset)
     files = train if split == "train" else [val]
     return make_pretrain_iterator(
         files, tokenizer, batch_size=batch_size, seq_len=config.model.seq_len, process_index=process_index,
         process_count=process_count, seed=d.seed, read_threads=d.read_threads,
         tokenizer_threads=opt("tokenizer_threads", 2), prefetch=opt("prefetch", 2),
         worker_count=opt("worker_count", 0) if split == "train" else 0,
-        shuffle=opt("shuffle", True) and split == "train", num_epochs=None if split == "train" else 1)
+        shuffle=opt("shuffle", True) and split == "train", num_epochs=None if split == "train" else 1,
+        packing=opt("packing", "concat"), bestfit_buffer=opt("bestfit_buffer", bestfit.HEAD_BUFFER_SIZE))
