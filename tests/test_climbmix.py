@@ -8,7 +8,7 @@ import pytest
 from nanojax import paths
 from nanojax.data import fineweb, pretrain
 from test_bestfit_packing import IntTokenizer
-from test_fineweb import HubServer
+from test_fineweb import serve_hub
 
 CLIMBMIX = "karpathy/climbmix-400b-shuffle"
 VAL = 6542
@@ -23,16 +23,10 @@ def _shard_bytes(tmp, index, n_docs=30):
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     src = tmp_path / "src"
     src.mkdir()
-    server = HubServer({fineweb.shard_name(i, "climbmix"): _shard_bytes(src, i) for i in (0, 1, 2, VAL)},
+    server = serve_hub(monkeypatch, {fineweb.shard_name(i, "climbmix"): _shard_bytes(src, i) for i in (0, 1, 2, VAL)},
                        repo_id=CLIMBMIX)
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once at import
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
     yield server
     server.close()
 

@@ -102,18 +102,23 @@ class HubServer:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
+def serve_hub(monkeypatch, files: dict, **kw):
+    """A HubServer for `files`, with huggingface_hub pointed at it (online, no telemetry) for this test."""
     import huggingface_hub.constants
 
-    src = tmp_path / "src"
-    src.mkdir()
-    files = {fineweb.shard_name(i): _shard_bytes(src, i) for i in (0, 1, 2, fineweb.VAL_SHARD)}
-    server = HubServer(files)
+    server = HubServer(files, **kw)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once at import
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    return server
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    server = serve_hub(monkeypatch, {fineweb.shard_name(i): _shard_bytes(src, i) for i in (0, 1, 2, fineweb.VAL_SHARD)})
     yield server
     server.close()
 
