@@ -10,7 +10,8 @@ step (32 rows of 2048 per device), validation on 20 × 524,288 tokens.
 num_iterations: nanochat stopped at the end of the epoch (~700 steps at d20 in published runs). Our loop
 needs the number up front; for your tokenizer get the exact one-epoch count with
   python -m nanojax.data.chat count --config=configs/mid_d20.py
-and pass it as --config.train.num_iterations=N (a small overshoot wraps into a few rows of epoch 2).
+and pass it as --config.train.num_iterations=N (a small overshoot wraps into a few rows of epoch 2), or pass
+--config.train.num_iterations=-1 and the run counts the same epoch when it starts.
 Offline / local data: --config.data.task_sources="smoltalk=DIR, mmlu=DIR, gsm8k=DIR" (HF column layout).
 """
 from nanojax import paths

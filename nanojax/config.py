@@ -17,6 +17,7 @@ import re
 import ml_collections
 
 from nanojax.chips import peak_flops
+from nanojax.data.kinds import EPOCH_KINDS, canonical_kind
 
 
 def load_config_file(path) -> ml_collections.ConfigDict:
@@ -81,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     t = c.train
     t.total_batch_size = 524_288  # tokens per optimizer step
     t.device_batch_size = 32  # rows per device per micro-step
-    t.num_iterations = -1  # -1: from target_param_data_ratio
+    t.num_iterations = -1  # -1: from target_param_data_ratio (data.kind sft / mid: one epoch, counted at start)
     t.target_param_data_ratio = 20.0
     t.warmup_ratio = 0.0
     t.warmdown_ratio = 0.2
@@ -126,6 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     o.muon_beta2 = 0.9  # head: decay of NorMuon's per-row/column second moment
     o.muon_momentum_final = 0.90  # head: Muon momentum at the end of the LR warmdown (from muon_momentum_end)
     o.warmup_steps = -1  # head: LR warmup in steps (HEAD: 40); -1: round(train.warmup_ratio × iterations)
+    o.scale_lr_by_batch = True  # head: LRs × √(batch/2^19), as base_train.py (HEAD's chat_sft.py does not)
 
     c.data = ml_collections.ConfigDict()
     d = c.data
@@ -142,6 +144,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.dataset = "fineweb"  # pretraining shards: fineweb (FineWeb-Edu, nanochat launch) | climbmix (ClimbMix, HEAD)
     d.packing = "concat"  # concat (launch: rows cut from the token stream) | bestfit (HEAD: BOS-aligned best fit)
     d.bestfit_buffer = 1000  # documents the best-fit packer chooses from (HEAD: 1000)
+    # (kind sft: packing concat = launch's one conversation per padded row, bestfit = HEAD's packed rows)
+    d.sft_bestfit_buffer = 100  # conversations the SFT best-fit packer chooses from (HEAD: 100)
     # conversation stages (kind sft, mid = midtraining; see nanojax/data/chat.py)
     d.train_tasks = ""  # task mixture, e.g. "smoltalk:train, mmlu/auxiliary_train:train, gsm8k/main:train"
     d.val_tasks = ""  # e.g. "smoltalk:test"
@@ -180,6 +184,21 @@ def use_nanochat_head(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     t.grad_clip, t.warmdown_ratio, t.final_lr_frac, t.target_param_data_ratio = 0.0, 0.65, 0.05, 12.0
     t.total_batch_size = -1
     c.data.dataset, c.data.packing = "climbmix", "bestfit"
+    return c
+
+
+def use_nanochat_head_sft(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """HEAD's SFT (scripts/chat_sft.py) on a pretraining config whose model, batch and LRs it keeps (HEAD inherits
+    them from the checkpoint): best-fit packed conversations, one epoch, every LR x 0.8 (--init-lr-frac) and not
+    scaled by the batch, no warmup, the last half to 0, Muon weight decay 0, Muon momentum 0.85 -> 0.95 over 300
+    steps, the optimizer's momenta warm-started from train.init_from (--load-optimizer=1)."""
+    c.data.kind, c.data.packing = "sft", "bestfit"
+    t, o = c.train, c.optim
+    t.init_optimizer_state, t.num_iterations = True, -1
+    t.warmdown_ratio, t.final_lr_frac = 0.5, 0.0
+    o.lr_scale, o.scale_lr_by_batch, o.warmup_steps, o.weight_decay = 0.8, False, 0, 0.0
+    o.muon_momentum_start, o.muon_momentum_end, o.muon_momentum_final = 0.85, 0.95, 0.95
+    o.muon_momentum_warmup_steps = 300
     return c
 
 
@@ -441,7 +460,6 @@ def _profile_range(v) -> bool:
 
 
 def _known_kind(v) -> bool:
-    from nanojax.data.kinds import canonical_kind  # kinds imports nothing of nanojax; lazy keeps config light
     canonical_kind(v)  # raises its own message, listing the kinds
     return True
 
@@ -485,7 +503,7 @@ RULES = {
     "data.num_shards": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (every shard in data.path)"),
     "data.read_threads": _GE1, "data.tokenizer_threads": _GE1, "data.prefetch": _GE0, "data.worker_count": _GE0,
     "data.dataset": _one_of("fineweb", "climbmix"), "data.packing": _one_of("concat", "bestfit"),
-    "data.bestfit_buffer": _GE1,
+    "data.bestfit_buffer": _GE1, "data.sft_bestfit_buffer": _GE1,
     "rl.examples_per_step": _GE1, "rl.num_samples": _GE1, "rl.max_new_tokens": _GE1, "rl.temperature": _GE0,
     "rl.top_k": (lambda v: v >= 0, "≥ 0 (0: no top-k)"), "rl.num_epochs": _GE1, "rl.sample_rows": _GE1,
     "rl.eval_examples": _GE0, "rl.eval_samples": _GE1,
@@ -612,6 +630,9 @@ def derive(config: ml_collections.ConfigDict, num_devices: int) -> Derived:
     total, embedding = m.param_counts()
     if t.num_iterations > 0:
         iters = t.num_iterations
+    elif canonical_kind(config.data.kind) in EPOCH_KINDS:
+        raise ValueError("train.num_iterations=-1 (one epoch of the conversation mixture) is counted when training "
+                         "starts (nanojax.data.chat.fill_epoch_iterations); set it > 0 to derive sizes without that")
     elif t.target_param_data_ratio > 0:
         iters = int(t.target_param_data_ratio * total) // t.total_batch_size
     else:

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from nanojax.config import ModelConfig
+from nanojax.data.kinds import EPOCH_KINDS, canonical_kind
 from nanojax.model import GPT, param_name
 from nanojax.optim import clip_by_global_norm_torch, lr_multiplier_steps
 
@@ -262,14 +263,15 @@ class HeadRecipe:
 
 
 def head_recipe(config, num_iterations: int) -> HeadRecipe:
-    """From config: HEAD's setup_optimizer LRs (AdamW × (width/768)^-0.5), × the batch LR scale, × lr_scale."""
+    """From config: HEAD's setup_optimizer LRs (AdamW × (width/768)^-0.5), × the batch LR scale (base_train.py;
+    not in chat_sft.py: optim.scale_lr_by_batch), × lr_scale."""
     o, t = config.optim, config.train
     if o.ns_steps > len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"optim.ns_steps={o.ns_steps}: HEAD's Polar Express has {len(POLAR_EXPRESS_COEFFS)} steps")
     m = ModelConfig.of(config.model)
     s = head_batch_scaling(m, t.target_param_data_ratio, t.total_batch_size)
     width = (m.width / 768) ** -0.5 if o.scale_lr_by_width else 1.0
-    b = s.lr_scale * o.lr_scale
+    b = (s.lr_scale if o.get("scale_lr_by_batch", True) else 1.0) * o.lr_scale
     lrs = dict(muon=o.matrix_lr * b, unembedding=o.unembedding_lr * width * b, embedding=o.embedding_lr * width * b,
                value_embeds=o.embedding_lr * width * 0.5 * b, resid=o.scalar_lr * 0.01 * b, x0=o.scalar_lr * b,
                smear=SMEAR_LR * o.lr_scale)
@@ -321,9 +323,10 @@ def current_head_muon_momentum(config, num_iterations: int, step: int) -> float:
 
 def fill_head_batch(config) -> None:
     """Write HEAD's automatic batch size (train.total_batch_size = -1) and its horizon (train.num_iterations
-    = -1: target_param_data_ratio × scaling params // batch) into the config, so config.json shows them."""
+    = -1: target_param_data_ratio × scaling params // batch; a conversation stage counts its epoch instead,
+    `nanojax.data.chat.fill_epoch_iterations`) into the config, so config.json shows them."""
     t = config.train
     s = head_batch_scaling(config.model, t.target_param_data_ratio, t.total_batch_size)
     t.total_batch_size = s.total_batch_size
-    if t.num_iterations == -1:
+    if t.num_iterations == -1 and canonical_kind(config.data.kind) not in EPOCH_KINDS:
         t.num_iterations = s.num_iterations

@@ -28,6 +28,7 @@ from nanojax import paths
 from nanojax import sharding as shd
 from nanojax.console import log, quiet_library_logs
 from nanojax.data import canonical_kind, make_iterator
+from nanojax.data.chat import fill_epoch_iterations
 from nanojax.loggers import MetricsLoggers, logger_names
 from nanojax.model import GPT, eval_sums
 from nanojax.optim import build_optimizer, current_lrs, current_muon_momentum
@@ -161,6 +162,20 @@ def reset_step_counts(opt_state):
     return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
+INHERITED = ("model.seq_len", "train.device_batch_size", "train.total_batch_size", "optim.embedding_lr",
+             "optim.unembedding_lr", "optim.matrix_lr")  # what nanochat HEAD's SFT takes from its base checkpoint
+
+
+def note_changed_settings(config, source_config: dict) -> None:
+    """Say which of the settings HEAD's SFT inherits differ from the run this stage starts from (this config's
+    values are used: configs such as gpt2_sft.py copy them from the pretraining config)."""
+    for key in INHERITED:
+        section, name = key.split(".")
+        was, now = source_config.get(section, {}).get(name), config[section][name]
+        if was is not None and was != now:
+            log(f"note: {key}={now} here, {was} in {config.train.init_from}")
+
+
 def restore_or_init(state: TrainState, ckptr: ckpt.Checkpointer, config):
     """(params, opt_state, step, data_state, source): the run's latest checkpoint, else fresh parameters or
     those of `train.init_from` (the previous stage), whose momenta carry over only if asked for. A damaged
@@ -178,6 +193,7 @@ def restore_or_init(state: TrainState, ckptr: ckpt.Checkpointer, config):
                                             None if t.init_from_step < 0 else t.init_from_step)
         source = {"path": str(t.init_from), "step": src_step}
         log(f"initialised parameters from {t.init_from} (step {src_step})")
+        note_changed_settings(config, ckpt.read_meta(t.init_from, src_step)[0].get("config") or {})
     if t.init_from and t.init_optimizer_state:
         # momenta carry over; step counters restart so this stage's LR/momentum schedules start at step 0
         opt_state = reset_step_counts(ckpt.load_opt_state(t.init_from, state.abstract_opt, source["step"]))
@@ -414,11 +430,12 @@ def run(config) -> dict:
     logger_names(config.train.loggers)  # a typo fails before anything is built
     setup_jax()
     mesh = shd.make_mesh(config.mesh)
+    tokenizer = load_for_config(config)
+    fill_epoch_iterations(config, tokenizer)
     derived = cfglib.derive(config, mesh.size)
     run_dir = run_dir_for(config)
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
     log_dir = local_log_dir(run_dir, config)
-    tokenizer = load_for_config(config)
     measure_remat(config, mesh, derived)
     state = TrainState(config, mesh, derived)
     ckptr = ckpt.Checkpointer(run_dir, config.train.max_to_keep, config.train.async_checkpointing)

@@ -166,3 +166,73 @@ def test_sft_on_an_8_device_mesh(tmp_path, gsm_like, base):
     c.train.eval_every = 2
     out = run(c)
     assert out["step"] == 2 and np.isfinite(out["loss"]) and "val_loss" in out
+
+
+# -- nanochat HEAD's SFT (configs/gpt2_sft.py): best-fit rows, one counted epoch, warm-started momenta ----------
+@pytest.fixture(scope="module")
+def head_base(tmp_path_factory):
+    """A 3-step micro base run of HEAD's model family and optimizer (synthetic data)."""
+    from nanojax.config import use_nanochat_head
+
+    c = use_nanochat_head(micro_config(tmp_path_factory.mktemp("head_base") / "run", steps=3))
+    c.model.vocab_size, c.model.seq_len = 320, 128  # rows of ~2.5 conversations
+    c.train.total_batch_size, c.train.num_iterations, c.optim.warmup_steps = 4 * 128, 3, 1
+    c.data.kind = "synthetic"
+    run(c)
+    return c
+
+
+def _head_sft(tmp_path, gsm_like, head_base, name):
+    from nanojax.config import use_nanochat_head_sft
+
+    c = use_nanochat_head_sft(_sft(tmp_path, gsm_like, head_base.run_dir, name))
+    c.model = head_base.model
+    c.optim.kind, c.train.grad_clip = "head", 0.0
+    c.train.num_iterations, c.train.eval_every = -1, 0
+    c.data.sft_bestfit_buffer = 16
+    return c
+
+
+def test_head_sft_counts_its_epoch_warm_starts_and_resumes_exactly(tmp_path, gsm_like, head_base):
+    from nanojax.data.chat import count_epoch
+
+    full = _head_sft(tmp_path, gsm_like, head_base, "head_full")
+    run(full)
+    tok = Tokenizer.load(gsm_like / "tokenizer")
+    epoch = count_epoch(full, tok)
+    assert full.train.num_iterations == epoch["steps_per_epoch"] >= 3  # filled in, and recorded in config.json
+    assert epoch["rows"] < epoch["conversations"]  # packed: several conversations per row
+    records = _records(full.run_dir)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == epoch["steps_per_epoch"] and losses[-1] < losses[0]
+    first = next(r for r in records if "loss" in r)
+    assert first["lr_matrix"] == pytest.approx(0.02 * 0.8) and first["muon_momentum"] == pytest.approx(0.85)
+    with open(os.path.join(full.run_dir, "config.json")) as f:
+        assert json.load(f)["train"]["num_iterations"] == epoch["steps_per_epoch"]
+    parted = _head_sft(tmp_path, gsm_like, head_base, "head_parted")
+    parted.train.stop_after_steps = 2
+    assert run(parted)["step"] == 2
+    parted = _head_sft(tmp_path, gsm_like, head_base, "head_parted")
+    assert run(parted)["step"] == epoch["steps_per_epoch"]
+    assert [r["loss"] for r in _records(parted.run_dir) if "loss" in r] == losses
+
+
+def test_head_sft_configs():
+    sft = load_config_file("gpt2_sft")
+    assert (sft.data.kind, sft.data.packing, sft.data.sft_bestfit_buffer) == ("sft", "bestfit", 100)
+    assert parse_mixture(sft.data.train_tasks) == parse_mixture(
+        "smoltalk:train, " + ", ".join(["mmlu/auxiliary_train:train"] * 3 + ["gsm8k/main:train"] * 4))
+    o, t = sft.optim, sft.train
+    assert (o.kind, o.lr_scale, o.scale_lr_by_batch, o.warmup_steps, o.weight_decay) == ("head", 0.8, False, 0, 0.0)
+    assert (o.muon_momentum_start, o.muon_momentum_end, o.muon_momentum_final) == (0.85, 0.95, 0.95)
+    assert (t.num_iterations, t.warmdown_ratio, t.final_lr_frac, t.init_optimizer_state) == (-1, 0.5, 0.0, True)
+    base = load_config_file("gpt2_d24")
+    for key in ("model", "mesh"):
+        assert sft[key].to_dict() == base[key].to_dict()
+    assert (t.device_batch_size, t.total_batch_size) == (base.train.device_batch_size, base.train.total_batch_size)
+    assert t.init_from.endswith(os.path.join("runs", "gpt2_d24"))
+    with pytest.raises(ValueError, match="counted when training starts"):
+        derive(sft, 8)
+    tiny = load_config_file("tiny_gpt2_sft")
+    assert tiny.model.to_dict() == load_config_file("tiny_gpt2").model.to_dict()
+    assert tiny.train.init_from.endswith(os.path.join("runs", "tiny_gpt2")) and tiny.data.packing == "bestfit"

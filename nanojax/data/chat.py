@@ -53,9 +53,10 @@ from typing import Any, Mapping
 import numpy as np
 from absl import app
 from ml_collections import config_flags
+from tqdm import tqdm
 
-from nanojax.data import layout
-from nanojax.data.kinds import canonical_kind
+from nanojax.data import layout, sft_bestfit
+from nanojax.data.kinds import EPOCH_KINDS, canonical_kind
 from nanojax.tasks.common import BadRowError, Task, TaskMixture
 from nanojax.tasks.registry import build_task, parse_mixture, parse_sources, source_for
 from nanojax.tokenizer import load_for_config
@@ -217,6 +218,9 @@ class _SFTSource:
 
         count, saved = layout.saved_streams(state, self.process_index, self.process_count, legacy)
         layout.require(saved, range(count), count, self.process_index, self.process_count)
+        if any("buffer" in entry for entry in saved.values()):
+            raise ValueError("the data state was saved by SFT with best-fit packing (data.packing='bestfit'); "
+                             "resume it with that packing, or start a new run for one conversation per row")
         self._arrange(count)
         self.ks = [int(saved[q]["k"]) for q in range(count)]
         for q, stream in enumerate(self.streams):
@@ -479,6 +483,25 @@ def make_sft_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int
                                     f"T<= {seq_len}")
 
 
+def make_sft_bestfit_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int, process_index: int = 0,
+                              process_count: int = 1, finite: bool = False, buffer_size: int =
+                              sft_bestfit.HEAD_SFT_BUFFER, skip_bad_rows: bool = False,
+                              prefetch: int = 2) -> ChatIterator:
+    """SFT batches of `batch_size` rows of seq_len tokens, conversations packed best-fit (nanochat HEAD)."""
+    def open_stream(stream: int, stream_count: int, quiet: bool) -> _Stream:
+        return _Stream(dataset, tokenizer, stream=stream, stream_count=stream_count,
+                       max_tokens=sft_bestfit.max_conversation_tokens(seq_len), skip_bad_rows=skip_bad_rows,
+                       quiet=quiet)
+
+    source = sft_bestfit.BestFitSFTSource(open_stream, batch_size=batch_size, seq_len=seq_len,
+                                          buffer_size=buffer_size, bos=tokenizer.bos_token_id, finite=finite,
+                                          process_index=process_index, process_count=process_count,
+                                          process_view=_process_view)
+    return ChatIterator(source, prefetch=prefetch, announce=process_index == 0 and not finite,
+                        description=f"sft best-fit {dataset!r}, process {process_index}/{process_count}, "
+                                    f"{batch_size}x{seq_len}, buffer {buffer_size}")
+
+
 def make_mid_iterator(dataset: Task, tokenizer, *, batch_size: int, seq_len: int, process_index: int = 0,
                       process_count: int = 1, skip_bad_rows: bool = False, prefetch: int = 2,
                       announce: bool = True) -> ChatIterator:
@@ -530,41 +553,77 @@ def make_chat_iterator_from_config(config, *, split: str, batch_size: int, proce
     seq_len = config.model.seq_len
     common = dict(batch_size=batch_size, seq_len=seq_len, process_index=process_index,
                   process_count=process_count, skip_bad_rows=d.skip_bad_rows, prefetch=d.prefetch)
+    if kind == "sft" and d.packing == "bestfit":
+        return make_sft_bestfit_iterator(dataset, tokenizer, finite=split == "val", buffer_size=d.sft_bestfit_buffer,
+                                         **common)
     if kind == "sft":
         return make_sft_iterator(dataset, tokenizer, finite=split == "val",
                                  lengths=pad_lengths(seq_len, d.pad_lengths), **common)
+    if kind == "mid" and d.packing != "concat":
+        raise ValueError(f"data.packing={d.packing!r}: midtraining packs conversations by concatenation only "
+                         f"(nanochat HEAD has no midtraining; its SFT is data.kind='sft', data.packing='bestfit')")
     if kind == "mid":
         return make_mid_iterator(dataset, tokenizer, announce=split == "train", **common)
     raise ValueError(f"make_chat_iterator_from_config: data.kind={d.kind!r} is not sft|mid")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def count_epoch(config, tokenizer) -> dict:
-    """Rows, tokens and optimizer steps in one epoch of the train mixture (renders every conversation)."""
-    dataset = build_mixture(config.data.train_tasks, config.data.task_sources, config.data.mixture_seed)
-    mid = canonical_kind(config.data.kind) == "mid"
-    seq_len, tokens, bad, truncated = config.model.seq_len, 0, 0, 0
-    limit = max(MID_MAX_TOKENS, seq_len) if mid else seq_len + 1
-    for i in range(len(dataset)):
+def count_epoch(config, tokenizer, *, progress: bool = False) -> dict:
+    """Rows, tokens and optimizer steps in one epoch of the train mixture (renders every conversation): SFT
+    rows are conversations, or best-fit packed rows of one stream (`data.packing=bestfit`); midtraining steps
+    are the stream's tokens over the batch."""
+    d, seq_len = config.data, config.model.seq_len
+    dataset = build_mixture(d.train_tasks, d.task_sources, d.mixture_seed)
+    kind = canonical_kind(d.kind)
+    packed = kind == "sft" and d.packing == "bestfit"
+    limit = (max(MID_MAX_TOKENS, seq_len) if kind == "mid" else
+             sft_bestfit.max_conversation_tokens(seq_len) if packed else seq_len + 1)
+    lengths, bad, truncated = [], 0, 0
+    for i in tqdm(range(len(dataset)), desc="rendering the mixture", unit="conv", disable=not progress,
+                  mininterval=5):
         try:
             ids, _ = tokenizer.render_conversation(dataset[i], max_tokens=10**9)
         except ValueError:
             bad += 1
             continue
         truncated += len(ids) > limit
-        tokens += min(len(ids), limit)
-    rows = len(dataset) - bad
-    if mid:
-        steps = tokens // config.train.total_batch_size  # each micro-batch also drops one boundary token
+        lengths.append(min(len(ids), limit))
+    rows_per_step = config.train.total_batch_size // seq_len
+    if kind == "mid":
+        rows = sum(lengths) // seq_len
+        steps = sum(lengths) // config.train.total_batch_size  # each micro-batch also drops one boundary token
+    elif packed:
+        rows = sft_bestfit.count_rows(lengths, seq_len=seq_len, buffer_size=d.sft_bestfit_buffer)
+        steps = rows // rows_per_step
     else:
-        steps = rows // (config.train.total_batch_size // seq_len)
-    return {"rows": rows, "bad_rows": bad, "truncated": truncated, "tokens": tokens, "steps_per_epoch": steps}
+        rows = len(lengths)
+        steps = rows // rows_per_step
+    return {"conversations": len(lengths), "rows": rows, "bad_rows": bad, "truncated": truncated,
+            "tokens": sum(lengths), "steps_per_epoch": steps}
+
+
+def fill_epoch_iterations(config, tokenizer) -> None:
+    """train.num_iterations = -1 in a conversation stage: one epoch of the train mixture, counted here (every
+    conversation rendered once; the count does not depend on the device or process count)."""
+    if canonical_kind(config.data.kind) not in EPOCH_KINDS or config.train.num_iterations != -1:
+        return
+    if config.train.total_batch_size == -1 and config.optim.get("kind") == "head":
+        from nanojax.optim_head import fill_head_batch  # (lazy: it builds the model to count parameters)
+
+        fill_head_batch(config)  # the batch the epoch is cut into
+    stats = count_epoch(config, tokenizer, progress=True)
+    if stats["steps_per_epoch"] < 1:
+        raise ValueError(f"train.num_iterations=-1 (one epoch): the train mixture {config.data.train_tasks!r} fills "
+                         f"no step of {config.train.total_batch_size:,} tokens ({stats})")
+    config.train.num_iterations = stats["steps_per_epoch"]
+    print(f"[chat data] one epoch = {stats['steps_per_epoch']:,} steps: "
+          + ", ".join(f"{k} {v:,}" for k, v in stats.items() if k != "steps_per_epoch"), flush=True)
 
 
 def main(argv):
     if len(argv) != 2 or argv[1] != "count" or _CONFIG.value is None:
         raise SystemExit("usage: python -m nanojax.data.chat count --config=configs/X.py [--config.a.b=v]")
-    stats = count_epoch(_CONFIG.value, load_for_config(_CONFIG.value))
+    stats = count_epoch(_CONFIG.value, load_for_config(_CONFIG.value), progress=True)
     print(" | ".join(f"{k} {v:,}" for k, v in stats.items()))
     print(f"one epoch: --config.train.num_iterations={stats['steps_per_epoch']}")
 

@@ -6,6 +6,7 @@ import difflib
 KINDS = ("synthetic", "fineweb", "mid", "sft", "rl")
 # task mixtures of conversations (nanojax.data.chat); rl samples replies to them instead (nanojax.rl)
 CONVERSATION_KINDS = ("mid", "sft", "rl")
+EPOCH_KINDS = ("mid", "sft")  # train.num_iterations=-1 means one epoch of the train mixture (counted at start)
 ALIASES = {"chat": "sft"}  # SFT's name until the rename: old run configs and checkpoints keep working
 
 
