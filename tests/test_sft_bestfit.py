@@ -121,3 +121,17 @@ def test_config_dispatch_and_midtraining_refuses_bestfit(monkeypatch):
     with pytest.raises(ValueError, match="midtraining packs conversations by concatenation only"):
         make_chat_iterator_from_config(c, split="train", batch_size=4, process_index=0, process_count=1,
                                        tokenizer=s["tok"])
+
+
+def test_a_stream_with_no_usable_conversation_is_an_error_not_a_hang():
+    from nanojax.tasks.common import BadRowError
+
+    class Broken(RenderedTokenizer):
+        def render_conversation(self, conversation, max_tokens):
+            raise BadRowError("broken row")
+
+    s, _ = scenario("one_rank")
+    it = make_sft_bestfit_iterator(s["convs"], Broken(s["tok"].bos_token_id), batch_size=2, seq_len=s["T"],
+                                   skip_bad_rows=True, prefetch=0)
+    with pytest.raises(ValueError, match="has no conversation that renders"):
+        next(it)

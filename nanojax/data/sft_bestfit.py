@@ -75,10 +75,15 @@ class BestFitRows:
         self.k = 0  # next stream position to render
 
     def _refill(self) -> None:
+        misses = 0
         while len(self.buffer) < self.buffer_size and not (self.finite and self.k >= self.stream.per_epoch):
             item = self.stream.render(self.k)
             if item is not None and len(item[0]):
                 self.buffer.append((self.k, list(item[0]), list(item[1])))
+                misses = 0
+            elif (misses := misses + 1) >= self.stream.per_epoch:
+                raise ValueError(f"data stream {self.stream.stream} of {self.stream.dataset!r} has no conversation "
+                                 f"that renders: every one of its {self.stream.per_epoch} was skipped as a bad row")
             self.k += 1
 
     def _best(self, space: int) -> int:
