@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from nanojax.checkpoint import is_committed, read_meta, resolve_step_dir, stored_tree
+from nanojax.config import FAMILIES
 from nanojax.console import quiet_library_logs
 from nanojax.model import param_name
 
@@ -68,6 +69,7 @@ def format_report(info: dict) -> str:
         f"run         {cfg.get('run_name', '?')}  data={cfg.get('data', {}).get('kind', '?')}",
         f"model       depth {m.get('depth')} width {m.get('width')} heads {m.get('n_head')}/{m.get('n_kv_head')}"
         f"×{m.get('head_dim')} vocab {m.get('vocab_size')} context {m.get('seq_len')}",
+        f"family      {m.get('family', 'launch')}: " + " ".join(f"{k}={m[k]}" for k in FAMILIES["launch"] if k in m),
         f"train       {t.get('num_iterations')} iterations × {t.get('total_batch_size')} tokens, "
         f"init_from={info['metadata'].get('init_from')}",
         f"parameters  {info['num_params']:,} ({_human(info['param_bytes'])})",

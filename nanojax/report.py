@@ -246,7 +246,9 @@ def render(summaries: list[dict], env: dict, plots: dict | None) -> str:
               "| | |", "|---|---|"]
         rows = [
             ("model", f"depth {m.get('depth')}, width {m.get('width')}, {m.get('n_head')} heads of "
-                      f"{m.get('head_dim')}, vocab {m.get('vocab_size'):,}, context {m.get('seq_len')}" if m else None),
+                      f"{m.get('head_dim')}, vocab {m.get('vocab_size'):,}, context {m.get('seq_len')}"
+                      + (f"; nanochat HEAD family, windows {m.get('window_pattern')}" if m.get("family") == "head"
+                         else "") if m else None),
             ("parameters", _fmt(s.get("num_params"))),
             ("FLOPs per token", f"{s['flops_per_token']:.4e}" if s.get("flops_per_token") else None),
             ("batch", _batch(c)),
