@@ -9,7 +9,9 @@ def get_config():
     c.run_name = "gpt2_d24"
     c.model.depth = 24
     c.data.kind = "fineweb"  # the pretraining pipeline; data.dataset=climbmix picks the shards
-    c.data.tokenizer_dir = ""  # $NANOJAX_HOME/tokenizer: train it with --vocab_size 32768 on ClimbMix
+    # "": the dataset's tokenizer, $NANOJAX_HOME/tokenizer-climbmix (HEAD's 32,768 ids), beside launch's tokenizer/:
+    # python -m nanojax.tokenizer train --dataset climbmix
+    c.data.tokenizer_dir = ""
     c.train.target_param_data_ratio = 8.0
     c.train.device_batch_size = 16
     return c

@@ -13,8 +13,10 @@ def data_dir(*parts: str) -> pathlib.Path:
     return home().joinpath("data", *parts)
 
 
-def tokenizer_dir() -> pathlib.Path:
-    return home() / "tokenizer"
+def tokenizer_dir(dataset: str = "fineweb") -> pathlib.Path:
+    """Each pretraining dataset's tokenizer has its own place (nanochat's vocabularies differ: 65,536 for
+    FineWeb-Edu, 32,768 for HEAD's ClimbMix): tokenizer/ for fineweb, tokenizer-<dataset>/ otherwise."""
+    return home() / ("tokenizer" if dataset == "fineweb" else f"tokenizer-{dataset}")
 
 
 def runs_dir() -> pathlib.Path:

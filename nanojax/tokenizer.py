@@ -13,8 +13,10 @@ On-disk format (a directory, default `$NANOJAX_HOME/tokenizer`), no pickles:
   token_bytes.npy      int32 [V]: raw byte length of every id, 0 for special tokens (for bits per byte)
 A run's tokenizer (training, evaluation, checkpoints, data tools) is `load_for_config(config)`.
 
-CLI: `python -m nanojax.tokenizer train [--vocab_size 65536 --max_chars 2e9 --doc_cap 10000 --data_dir DIR]`
-and `python -m nanojax.tokenizer eval` (bytes per token on validation, code, maths and multilingual text).
+CLI: `python -m nanojax.tokenizer train [--dataset fineweb|climbmix --vocab_size V --max_chars 2e9 --doc_cap 10000
+--data_dir DIR]` and `python -m nanojax.tokenizer eval [--dataset D]` (bytes per token on validation, code, maths
+and multilingual text). --dataset picks the default shard directory and vocabulary: fineweb 65,536 (nanochat at
+launch), climbmix 32,768 (HEAD's scripts/tok_train.py); explicit --data_dir / --vocab_size win.
 """
 from __future__ import annotations
 
@@ -308,8 +310,9 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------- the tokenizer of a run
 def tokenizer_dir_for(config) -> str:
-    """Where a run with `config` keeps its tokenizer: data.tokenizer_dir, else $NANOJAX_HOME/tokenizer."""
-    return str(config.data.tokenizer_dir or paths.tokenizer_dir())
+    """Where a run with `config` keeps its tokenizer: data.tokenizer_dir, else its dataset's default place
+    ($NANOJAX_HOME/tokenizer for FineWeb-Edu, tokenizer-climbmix for ClimbMix)."""
+    return str(config.data.tokenizer_dir or paths.tokenizer_dir(config.data.get("dataset", "fineweb")))
 
 
 def load_for_config(config, directory: str | os.PathLike | None = None) -> Tokenizer | None:
@@ -441,10 +444,10 @@ def _peak_rss_mb() -> float:
 def cmd_train(args) -> Tokenizer:
     from nanojax.data import fineweb  # CLI only: data depends on the tokenizer, never the reverse
 
-    files = fineweb.list_shards(args.data_dir)
+    files = fineweb.list_shards(args.data_dir, args.dataset)
     train_files = files[:-1] if len(files) > 1 else files
     note = " (the only shard: no held-out validation shard)" if len(files) == 1 else ", last shard held out"
-    print(f"training on {len(train_files)} parquet file(s) in {args.data_dir}{note}")
+    print(f"training on {len(train_files)} {args.dataset} parquet file(s) in {args.data_dir}{note}")
     print(f"vocab_size {args.vocab_size:,}  max_chars {args.max_chars:,}  doc_cap {args.doc_cap:,}")
     stats = {"chars": 0, "docs": 0}
     t0 = time.perf_counter()
@@ -464,7 +467,8 @@ def cmd_train(args) -> Tokenizer:
 
     tok = Tokenizer.train(texts(), args.vocab_size)
     seconds = time.perf_counter() - t0
-    tok.info = {"data_dir": str(args.data_dir), "train_files": [pathlib.PurePath(f).name for f in train_files],
+    tok.info = {"dataset": args.dataset, "data_dir": str(args.data_dir),
+                "train_files": [pathlib.PurePath(f).name for f in train_files],
                 "max_chars": args.max_chars, "doc_cap": args.doc_cap, **stats,
                 "seconds": round(seconds, 2), "peak_rss_mb": round(_peak_rss_mb(), 1)}
     out = tok.save(args.tokenizer_dir)
@@ -503,16 +507,18 @@ def cmd_eval(args) -> dict[str, dict[str, float]]:
 
     tok = Tokenizer.load(args.tokenizer_dir)
     samples: dict[str, str] = {}
+    label = "fwe" if args.dataset == "fineweb" else args.dataset
     try:
-        files = fineweb.list_shards(args.data_dir)
+        files = fineweb.list_shards(args.data_dir, args.dataset)
     except FileNotFoundError as err:
-        print(f"note: no FineWeb rows ({err})")
+        print(f"note: no {args.dataset} rows ({err})")
     else:
         if len(files) > 1:
-            samples["fwe-train"] = _take_chars(fineweb.iter_parquet_texts(files[:1]), args.sample_chars)
-            samples["fwe-val"] = _take_chars(fineweb.iter_parquet_texts(files[-1:]), args.sample_chars)
+            samples[f"{label}-train"] = _take_chars(fineweb.iter_parquet_texts(files[:1]), args.sample_chars)
+            samples[f"{label}-val"] = _take_chars(fineweb.iter_parquet_texts(files[-1:]), args.sample_chars)
         else:  # a single shard is also what `train` used, so it is not held out
-            samples["fwe-train (only shard)"] = _take_chars(fineweb.iter_parquet_texts(files), args.sample_chars)
+            samples[f"{label}-train (only shard)"] = _take_chars(fineweb.iter_parquet_texts(files),
+                                                                 args.sample_chars)
     for path in map(pathlib.Path, args.text):
         samples[path.stem] = (_take_chars(fineweb.iter_parquet_texts([path]), args.sample_chars)
                               if path.suffix == ".parquet" else path.read_text()[:args.sample_chars])
@@ -535,21 +541,32 @@ def cmd_eval(args) -> dict[str, dict[str, float]]:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> Tokenizer | dict[str, dict[str, float]]:
-    """CLI entry point; returns the trained tokenizer (train) or bytes per token per text and encoding."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The CLI's arguments with --dataset's defaults filled in: its shard directory (the one the download
+    CLI fills, `fineweb.default_dir`), its tokenizer's place (`paths.tokenizer_dir`) and, for train, nanochat's
+    vocabulary for it (`Dataset.vocab_size`).
+    HEAD's tok_train.py:17-18 keeps launch's --max-chars 2e9 and --doc-cap 10,000, so those are shared."""
+    from nanojax.data import fineweb  # CLI only: data depends on the tokenizer, never the reverse
+
     parser = argparse.ArgumentParser(prog="python -m nanojax.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "train a BPE tokenizer on parquet text"),
                         ("eval", "bytes per token on validation text, code, maths, other languages")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--data_dir", "--data-dir", default=str(paths.data_dir("fineweb")),
+        p.add_argument("--dataset", default="fineweb", choices=sorted(fineweb.DATASETS),
+                       help="pretraining shards: fineweb (FineWeb-Edu, nanochat at launch) or climbmix (ClimbMix, "
+                            "HEAD); sets the default --data_dir" + (" and --vocab_size" if name == "train" else "")
+                            + " (default: %(default)s)")
+        p.add_argument("--data_dir", "--data-dir", default=None,
                        help="directory of .parquet shards with a 'text' column, or one .parquet file "
-                            "(default: %(default)s)")
-        p.add_argument("--tokenizer_dir", "--tokenizer-dir", default=str(paths.tokenizer_dir()),
-                       help="where the tokenizer is saved / loaded (default: %(default)s)")
+                            f"(default: the dataset's download directory, e.g. {fineweb.default_dir()})")
+        p.add_argument("--tokenizer_dir", "--tokenizer-dir", default=None,
+                       help="where the tokenizer is saved / loaded (default: the dataset's, "
+                            f"{paths.tokenizer_dir()} for fineweb, {paths.tokenizer_dir('climbmix')} for climbmix)")
     train = sub.choices["train"]
-    train.add_argument("--vocab_size", "--vocab-size", type=_int, default=65536,
-                       help="including the 9 special tokens (default: %(default)s)")
+    train.add_argument("--vocab_size", "--vocab-size", type=_int, default=None,
+                       help="including the 9 special tokens (default: nanochat's for --dataset: " + ", ".join(
+                           f"{k} {v.vocab_size}" for k, v in fineweb.DATASETS.items()) + ")")
     train.add_argument("--max_chars", "--max-chars", type=_int, default=2_000_000_000,
                        help="stop reading after this many characters (default: %(default)s)")
     train.add_argument("--doc_cap", "--doc-cap", type=_int, default=10_000,
@@ -562,6 +579,18 @@ def main(argv: Sequence[str] | None = None) -> Tokenizer | dict[str, dict[str, f
     ev.add_argument("--timeout", type=float, default=10.0,
                     help="seconds to wait for tiktoken's GPT-2/GPT-4 encodings (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.data_dir is None:
+        args.data_dir = str(fineweb.default_dir(args.dataset))
+    if args.tokenizer_dir is None:
+        args.tokenizer_dir = str(paths.tokenizer_dir(args.dataset))
+    if args.command == "train" and args.vocab_size is None:
+        args.vocab_size = fineweb.dataset_info(args.dataset).vocab_size
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Tokenizer | dict[str, dict[str, float]]:
+    """CLI entry point; returns the trained tokenizer (train) or bytes per token per text and encoding."""
+    args = parse_args(argv)
     return cmd_train(args) if args.command == "train" else cmd_eval(args)
 
 

@@ -2,6 +2,9 @@
 
 The Hub is a local server on 127.0.0.1 (test_fineweb.HubServer) that answers only for the ClimbMix repo.
 """
+import math
+import pathlib
+
 import ml_collections
 import pytest
 
@@ -53,6 +56,7 @@ def test_download_status_and_split(hub, capsys):
     assert {n for m, n, _ in hub.log if m == "GET"} == set(hub.files)  # every file came from the ClimbMix repo
     out = capsys.readouterr().out
     assert "shards: 0..2, 6542" in out and "val: shard_06542.parquet" in out
+    assert f"(~{3 * 250e6 / 5.36 / 1e9:.3g}B tokens if climbmix shards, 5.36 chars/token)" in out  # not 4.8's
     n_requests = len(hub.log)
     assert fineweb.main(["status", "--dataset", "climbmix"]) == 0  # reads the local copy only
     assert len(hub.log) == n_requests
@@ -88,3 +92,62 @@ def test_config_reads_climbmix_shards_with_bestfit(hub):
     val = pretrain.make_iterator_from_config(cfg, split="val", batch_size=2, process_index=0, process_count=1,
                                              tokenizer=tok)
     assert val.description.startswith("1 file(s)") and len(list(val)) >= 1
+
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def _tiny_config(tmp_path, dataset, vocab, iters=10):
+    path = tmp_path / f"tiny_{dataset}_{vocab}.py"
+    path.write_text("from nanojax.config import default_config, use_nanochat_head\n\n\n"
+                    "def get_config():\n"
+                    "    c = use_nanochat_head(default_config())\n"
+                    f"    c.model.depth, c.model.vocab_size, c.data.dataset = 2, {vocab}, {dataset!r}\n"
+                    f"    c.train.num_iterations = {iters}\n"
+                    "    return c\n")
+    return path
+
+
+def test_shards_needed_follows_the_configs_dataset(capsys):
+    """gpt2_d24 (HEAD: ClimbMix, automatic 1M batch, ratio 8) vs base_d20 (launch: FineWeb-Edu)."""
+    d24, d20 = str(CONFIGS / "gpt2_d24.py"), str(CONFIGS / "base_d20.py")
+    assert fineweb.config_tokens(d24) == 5568 * 2**20  # HEAD's horizon: 8 x scaling params // 1M tokens
+    cm, fw = fineweb.DATASETS["climbmix"], fineweb.DATASETS["fineweb"]
+    expected = {d24: ("climbmix", math.ceil(5568 * 2**20 * cm.chars_per_token / cm.chars_per_shard)),
+                d20: ("fineweb", math.ceil(21400 * 2**19 * fw.chars_per_token / fw.chars_per_shard))}
+    assert expected[d24][1] == 126 and expected[d20][1] == 216
+    for config, (dataset, n) in expected.items():
+        assert fineweb.main(["shards-needed", "--config", config]) == 0
+        out = capsys.readouterr().out
+        assert f"= {n} training shard(s) of {dataset}" in out and "Note:" not in out
+        assert out.rstrip().endswith(f"download -n {n}" + (" --dataset climbmix" if dataset == "climbmix" else ""))
+    assert fineweb.shard_plan(config=d24)[:2] == (126, "climbmix")
+    assert fineweb.shard_plan(config=d24, dataset="climbmix")[:2] == (126, "climbmix")
+    assert fineweb.main(["shards-needed", "--config", d20, "--dataset", "climbmix"]) == 1
+    err = capsys.readouterr().err
+    assert "--dataset climbmix but" in err and "has data.dataset='fineweb'" in err
+
+
+def test_shards_needed_config_errors_and_vocab_note(tmp_path, capsys):
+    assert fineweb.main(["shards-needed", "--config", str(_tiny_config(tmp_path, "c4", 32768))]) == 1
+    assert "data.dataset='c4' is not a known pretraining dataset (known: fineweb, climbmix)" in capsys.readouterr().err
+    assert fineweb.main(["shards-needed", "--config", str(_tiny_config(tmp_path, "fineweb", 32768))]) == 0
+    out = capsys.readouterr().out
+    assert "of fineweb" in out and "this config's vocab is 32,768; pass --chars-per-token" in out
+    config = str(_tiny_config(tmp_path, "climbmix", 32768, iters=100_000))
+    tokens = fineweb.config_tokens(config)
+    assert fineweb.main(["shards-needed", "--config", config, "--chars-per-token", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"= {math.ceil(tokens * 2 / 250e6)} training shard(s) of climbmix" in out and "Note:" not in out
+
+
+def test_download_config_fetches_the_configs_dataset(hub, tmp_path, capsys):
+    config = _tiny_config(tmp_path, "climbmix", 32768)  # a few steps: 1 training shard + val
+    assert fineweb.main(["download", "--config", str(config), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "= 1 training shard(s) of climbmix" in out
+    assert sorted(p.name for p in fineweb.default_dir("climbmix").glob("*.parquet")) == [
+        "shard_00000.parquet", "shard_06542.parquet"]
+    assert not fineweb.default_dir("fineweb").exists()
+    assert fineweb.main(["download", "--config", str(config), "--dataset", "fineweb"]) == 1
+    assert "--dataset fineweb but" in capsys.readouterr().err

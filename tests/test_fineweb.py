@@ -1,6 +1,7 @@
 """nanojax.data.fineweb against a local HTTP server that speaks the Hub's download routes (no internet)."""
 import hashlib
 import http.server
+import math
 import pathlib
 import re
 import threading
@@ -256,7 +257,34 @@ def test_shards_needed(capsys):
     assert fineweb.shards_needed(11.2e9) == 216  # nanochat's d20: 11.2B tokens x 4.8 chars / 250M
     config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base_d20.py"
     assert fineweb.main(["shards-needed", "--config", str(config)]) == 0
-    assert "= 216 training shard(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "= 216 training shard(s) of fineweb" in out and out.rstrip().endswith("download -n 216")
     assert fineweb.shards_needed(1) == 1
     with pytest.raises(ValueError, match="cannot download into gs://"):
         fineweb.ensure_shards([0], "gs://bucket/fineweb")
+
+
+@pytest.mark.parametrize("dataset", sorted(fineweb.DATASETS))
+@pytest.mark.parametrize("tokens", [1e6, 11.2e9, 5.838e9, 7e9])
+def test_shards_needed_uses_the_datasets_figures(dataset, tokens, capsys):
+    info = fineweb.DATASETS[dataset]
+    expected = max(1, math.ceil(tokens * info.chars_per_token / info.chars_per_shard))
+    assert fineweb.shards_needed(tokens, dataset=dataset) == expected
+    assert fineweb.main(["shards-needed", "--tokens", str(tokens), "--dataset", dataset]) == 0
+    out = capsys.readouterr().out
+    assert f"= {expected} training shard(s) of {dataset}" in out
+    assert out.rstrip().endswith(f"download -n {expected}" + ("" if dataset == "fineweb" else f" --dataset {dataset}"))
+    assert fineweb.shards_needed(tokens, 2.0, dataset) == max(1, math.ceil(tokens * 2.0 / info.chars_per_shard))
+
+
+def test_shards_needed_figures_per_dataset():
+    """The figures themselves (see DATASETS for their nanochat sources); the two datasets must differ."""
+    fw, cm = fineweb.DATASETS["fineweb"], fineweb.DATASETS["climbmix"]
+    assert (fw.vocab_size, fw.chars_per_token, fw.chars_per_shard) == (65536, 4.8, 250e6)
+    assert (cm.vocab_size, cm.chars_per_token, cm.chars_per_shard) == (32768, 5.36, 250e6)
+    assert fineweb.shards_needed(7e9, dataset="climbmix") in (150, 151)  # HEAD LOG: ~150 shards ~ 7B tokens
+    assert fineweb.shards_needed(7e9, dataset="climbmix") != fineweb.shards_needed(7e9)
+    with pytest.raises(ValueError, match="data.dataset='c4' is not a known pretraining dataset"):
+        fineweb.shards_needed(1e9, dataset="c4")
+    with pytest.raises(SystemExit):
+        fineweb.main(["shards-needed", "--tokens", "1e9", "--dataset", "c4"])  # argparse names the choices

@@ -296,3 +296,20 @@ def test_slurm_job_without_a_signal_ends_with_the_trainers_status_and_dry_run_on
     assert out.returncode == 0, out.stdout + out.stderr
     assert "+ srun" in out.stdout and "nanojax.train --config=configs/base_d20.py" in out.stdout
     assert not (state / "srun.json").exists() and not (state / "scontrol.log").exists()
+
+
+def test_gpt2_speedrun_dry_run_lists_heads_pipeline_with_the_configs_tokenizer():
+    """launch/speedrun_gpt2.sh: ClimbMix, the tokenizer where configs/gpt2_d24.py looks for it, base, SFT, evals."""
+    from helpers import load_config_file
+    from nanojax.tokenizer import tokenizer_dir_for
+
+    out = subprocess.run(["bash", str(LAUNCH / "speedrun_gpt2.sh")], env={**os.environ, "DRY_RUN": "1"}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)  # conftest's private NANOJAX_HOME
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert [s.split(" -m ")[1].split()[0] for s in steps] == [
+        "nanojax.data.fineweb", "nanojax.data.fineweb", "nanojax.tokenizer", "nanojax.tokenizer", "nanojax.train",
+        "nanojax.evaluate", "nanojax.train", "nanojax.evaluate", "nanojax.report"]
+    tokenizer_dir = tokenizer_dir_for(load_config_file("gpt2_d24"))
+    assert f"train --dataset climbmix --tokenizer_dir {tokenizer_dir}" in out.stdout
+    assert "--config=configs/gpt2_d24.py" in steps[4] and "--config=configs/gpt2_sft.py" in steps[6]

@@ -194,6 +194,9 @@ def test_the_tokenizer_of_a_run_config(tok, tmp_path):
     c.model.vocab_size = VOCAB
     c.data.kind = "sft"
     assert tokenizer_mod.tokenizer_dir_for(c) == str(paths.tokenizer_dir())  # data.tokenizer_dir "" -> the default
+    c.data.dataset = "climbmix"  # HEAD's 32,768-token tokenizer has its own place
+    assert tokenizer_mod.tokenizer_dir_for(c) == str(paths.home() / "tokenizer-climbmix")
+    c.data.dataset = "fineweb"
     c.data.tokenizer_dir = str(tok.save(tmp_path / "tok"))
     assert tokenizer_mod.tokenizer_dir_for(c) == str(tmp_path / "tok")
     assert tokenizer_mod.load_for_config(c).encode("abc") == tok.encode("abc")
@@ -346,3 +349,44 @@ def test_real_text_kjv(shared_dir):
     assert tok.decode(ids) == held_out
     assert sum(tok.token_bytes[ids]) == len(held_out.encode())
     assert 3.5 < len(held_out.encode()) / len(ids) < 6  # English prose at a 2K vocabulary
+
+
+def test_cli_dataset_picks_data_dir_and_vocab():
+    from nanojax.data import fineweb
+
+    defaults = {name: tokenizer_mod.parse_args(["train", "--dataset", name]) for name in ("fineweb", "climbmix")}
+    assert tokenizer_mod.parse_args(["train"]).data_dir == defaults["fineweb"].data_dir
+    assert defaults["fineweb"].data_dir == str(fineweb.default_dir("fineweb")) == str(paths.data_dir("fineweb"))
+    assert defaults["climbmix"].data_dir == str(fineweb.default_dir("climbmix")) == str(paths.data_dir("climbmix"))
+    assert (defaults["fineweb"].vocab_size, defaults["climbmix"].vocab_size) == (65536, 32768)
+    assert (defaults["fineweb"].tokenizer_dir, defaults["climbmix"].tokenizer_dir) == (
+        str(paths.home() / "tokenizer"), str(paths.home() / "tokenizer-climbmix"))
+    # HEAD's scripts/tok_train.py keeps launch's 2B characters and 10,000-character documents
+    assert {(a.max_chars, a.doc_cap) for a in defaults.values()} == {(2_000_000_000, 10_000)}
+    ev = tokenizer_mod.parse_args(["eval", "--dataset", "climbmix"])
+    assert ev.data_dir == str(paths.data_dir("climbmix")) and not hasattr(ev, "vocab_size")
+    explicit = tokenizer_mod.parse_args(["train", "--dataset", "climbmix", "--data_dir", "/x", "--vocab_size", "1e3"])
+    assert (explicit.data_dir, explicit.vocab_size) == ("/x", 1000)
+    with pytest.raises(SystemExit):
+        tokenizer_mod.parse_args(["train", "--dataset", "c4"])
+
+
+def test_cli_train_and_eval_climbmix_default_dir(capsys):
+    from nanojax.data import fineweb
+
+    data = fineweb.default_dir("climbmix")
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet files in .*climbmix.*download -n 8 --dataset climbmix"):
+        tokenizer_mod.main(["train", "--dataset", "climbmix", "--vocab_size", "400"])
+    data.mkdir(parents=True)
+    for i in (0, 6542):  # ClimbMix's val shard is 6542
+        fineweb.write_shard(data / fineweb.shard_name(i, "climbmix"), synthetic_corpus(60, seed=i))
+    tokenizer_mod.main(["train", "--dataset", "climbmix", "--vocab_size", "400", "--max_chars", "20000"])
+    tok = Tokenizer.load(paths.tokenizer_dir("climbmix"))  # its own place, beside the FineWeb tokenizer's
+    assert not paths.tokenizer_dir().exists()
+    assert tok.vocab_size == 400 and tok.info["dataset"] == "climbmix" and tok.info["data_dir"] == str(data)
+    assert tok.info["train_files"] == ["shard_00000.parquet"]
+    results = tokenizer_mod.main(["eval", "--dataset", "climbmix", "--timeout", "0.01"])
+    assert {"climbmix-train", "climbmix-val"} <= set(results)
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet files in \S*fineweb "):
+        tokenizer_mod.main(["train", "--vocab_size", "400"])  # the default dataset's directory is still empty
+    assert "training on 1 climbmix parquet file(s)" in capsys.readouterr().out

@@ -4,7 +4,8 @@ The dataset is nanochat's `karpathy/fineweb-edu-100b-shuffle`: 1,823 parquet fil
 (one `text` column, row groups of 1,024 documents, ~250M characters each, globally shuffled). The last
 shard (1822) is the validation split, as in nanochat: `download -n N` fetches shards 0..N-1 plus 1822.
 nanochat HEAD's `karpathy/climbmix-400b-shuffle` (`--dataset climbmix`, config `data.dataset`) has the same
-layout and naming with 6,543 shards, validation shard 6542; `DATASETS` holds what differs.
+layout and naming with 6,543 shards, validation shard 6542; `DATASETS` holds what differs, including the
+characters per shard and per training token that `shards-needed`, `download --config` and `status` use.
 
 A shard only ever appears under its final name after it has been downloaded completely and its parquet
 footer has been read back (row count > 0), so a partial file is never mistaken for a complete one.
@@ -19,11 +20,13 @@ fetches only the missing ones (a shard is ~100 MB, so at most that is fetched tw
     python -m nanojax.data.fineweb download --config configs/base_d20.py   # 216 + val
     python -m nanojax.data.fineweb shards-needed --tokens 11.2e9
     python -m nanojax.data.fineweb download -n 170 --dataset climbmix   # HEAD's speedrun: 170 + val
+    python -m nanojax.data.fineweb download --config configs/gpt2_d24.py   # its data.dataset: climbmix, 126 + val
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import dataclasses
 import logging
 import math
@@ -47,8 +50,6 @@ from nanojax import paths
 REPO_ID = "karpathy/fineweb-edu-100b-shuffle"
 NUM_SHARDS = 1823
 VAL_SHARD = NUM_SHARDS - 1
-CHARS_PER_SHARD = 250e6  # nanochat closes a shard at >= 250M characters
-CHARS_PER_TOKEN = 4.8  # nanochat's 65,536-token tokenizer on FineWeb-Edu
 SHARD_RE = re.compile(r"shard_(\d{5})\.parquet$")
 STAGING = ".partial"
 
@@ -57,10 +58,18 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """What differs between the pretraining datasets; both use `shard_{i:05d}.parquet`, last shard = val."""
+    """What differs between the pretraining datasets; both use `shard_{i:05d}.parquet`, last shard = val.
+
+    The sizing figures turn a token budget into shards: ceil(tokens x chars_per_token / chars_per_shard).
+    chars_per_token is per token trained on with `vocab_size`, nanochat's tokenizer for the dataset (also
+    `python -m nanojax.tokenizer train --dataset`'s default), so it holds only for that vocabulary.
+    """
     repo_id: str
     num_shards: int
     dir_name: str  # under $NANOJAX_HOME/data
+    vocab_size: int
+    chars_per_token: float
+    chars_per_shard: float = 250e6  # HEAD dev/repackage_data_reference.py:78: a shard closes at >= 250M chars
 
     @property
     def val_shard(self) -> int:
@@ -68,8 +77,17 @@ class Dataset:
 
 
 DATASETS = {
-    "fineweb": Dataset(REPO_ID, NUM_SHARDS, "fineweb"),  # nanochat at launch (3a5e0bc)
-    "climbmix": Dataset("karpathy/climbmix-400b-shuffle", 6543, "climbmix"),  # nanochat HEAD (92d63d4)
+    # nanochat at launch (3a5e0bc): speedrun.sh:87-88 "Assume our tokenizer is 4.8 chars/token", 250M chars/shard.
+    "fineweb": Dataset(REPO_ID, NUM_SHARDS, "fineweb", vocab_size=65536, chars_per_token=4.8),
+    # nanochat HEAD (92d63d4): dataset.py:23-24 repo and MAX_SHARD = 6542; tok_train.py:19 vocab 32768;
+    # repackage_data_reference.py:36,78 cut ClimbMix at 250M chars/shard too (speedrun.sh:46 "~250M chars").
+    # HEAD states no chars/token for ClimbMix, so it is derived from dev/LOG.md:120 "approx 150 data shards
+    # (~7B tokens) are now needed for GPT-2 capability" (d24 at ratio 9.5, dev/LEADERBOARD.md:155-173):
+    # 150 x 250M / 7B = 5.36 characters per *trained* token. That is above the tokenizer's compression
+    # because HEAD's best-fit packing discards ~34% of tokens (dev/LOG.md:797). Check: speedrun.sh:67's
+    # d24 at ratio 8 (5.84B tokens) -> 126 shards, within the 170 it downloads (speedrun.sh:52-54).
+    "climbmix": Dataset("karpathy/climbmix-400b-shuffle", 6543, "climbmix", vocab_size=32768,
+                        chars_per_token=5.36),
 }
 
 
@@ -205,20 +223,53 @@ def check_shard(path) -> int:
     return md.num_rows
 
 
-def shards_needed(tokens: float, chars_per_token: float = CHARS_PER_TOKEN) -> int:
-    """Training shards for a token budget (one pass), val shard excluded: ceil(tokens·chars/tok / 250M)."""
-    return max(1, math.ceil(tokens * chars_per_token / CHARS_PER_SHARD))
+def shards_needed(tokens: float, chars_per_token: float | None = None, dataset: str = "fineweb") -> int:
+    """Training shards for a token budget (one pass), val shard excluded, with the dataset's figures:
+    ceil(tokens x chars/token / chars/shard); `chars_per_token` overrides the dataset's (another vocabulary)."""
+    info = dataset_info(dataset)
+    return max(1, math.ceil(tokens * (chars_per_token or info.chars_per_token) / info.chars_per_shard))
 
 
-def config_tokens(config_path: str) -> int:
-    """Training tokens of a config file (`get_config()`): iterations x total_batch_size, as config.derive."""
-    c = cfglib.load_config_file(config_path)
+def config_tokens(config) -> int:
+    """Training tokens of a config (file path or ConfigDict): iterations x total_batch_size, as config.derive,
+    including HEAD's automatic batch size and horizon (optim.kind="head", total_batch_size=-1)."""
+    c = cfglib.load_config_file(config) if isinstance(config, (str, os.PathLike)) else copy.deepcopy(config)
+    if c.optim.get("kind", "launch") == "head":
+        from nanojax.optim_head import fill_head_batch  # lazy: it imports the model (JAX)
+
+        fill_head_batch(c)
     total, _ = cfglib.count_params(c.model)
     t = c.train
     iters = t.num_iterations
     if iters <= 0:
         iters = int(t.target_param_data_ratio * total) // t.total_batch_size
     return iters * t.total_batch_size
+
+
+def shard_plan(tokens: float | None = None, config=None, dataset: str | None = None,
+               chars_per_token: float | None = None) -> tuple[int, str, str]:
+    """(training shards, dataset, one-line explanation) for a token budget or a config file.
+
+    A config brings its budget, its data.dataset (an explicit, different `dataset` is an error rather than
+    a silent guess) and its model.vocab_size, noted when the dataset's chars/token was measured for another.
+    """
+    vocab = None
+    if config is not None:
+        c = cfglib.load_config_file(config) if isinstance(config, (str, os.PathLike)) else config
+        if dataset is not None and dataset != c.data.dataset:
+            raise ValueError(f"--dataset {dataset} but {config} has data.dataset={c.data.dataset!r}; "
+                             "drop --dataset or change data.dataset in the config")
+        tokens, dataset, vocab = config_tokens(c), c.data.dataset, c.model.vocab_size
+    dataset = dataset or "fineweb"
+    info = dataset_info(dataset)
+    cpt = chars_per_token or info.chars_per_token
+    n = shards_needed(tokens, cpt, dataset)
+    line = (f"{tokens:.4g} tokens x {cpt} chars/token / {info.chars_per_shard:.3g} chars/shard = {n} training "
+            f"shard(s) of {dataset} (+1 validation shard)")
+    if vocab is not None and vocab != info.vocab_size and not chars_per_token:
+        line += (f". Note: {info.chars_per_token} chars/token is for {dataset}'s {info.vocab_size:,}-token "
+                 f"tokenizer, this config's vocab is {vocab:,}; pass --chars-per-token to correct it")
+    return n, dataset, line
 
 
 def write_shard(path, texts: Iterable[str], row_group_size: int = 1024) -> None:
@@ -418,8 +469,9 @@ def main(argv=None) -> int:
     dl = sub.add_parser("download", help="download shards 0..N-1 plus the validation shard")
     how_many = dl.add_mutually_exclusive_group(required=True)
     how_many.add_argument("-n", "--num-shards", type=int,
-                          help=f"training shards to fetch (shards 0..N-1; max {NUM_SHARDS - 1})")
-    how_many.add_argument("--config", help="as many as this config file trains on (see shards-needed)")
+                          help="training shards to fetch (shards 0..N-1; max: the dataset's val shard - 1)")
+    how_many.add_argument("--config", help="as many as this config file trains on, of its data.dataset "
+                                           "(see shards-needed)")
     dl.add_argument("--dir", default=None, help=f"target directory (default {default_dir()})")
     dl.add_argument("--workers", type=int, default=8, help="parallel downloads")
     dl.add_argument("--retries", type=int, default=5)
@@ -427,28 +479,34 @@ def main(argv=None) -> int:
     st = sub.add_parser("status", help="what is present, whether it reads")
     st.add_argument("--dir", default=None)
     st.add_argument("--no-verify", action="store_true", help="skip reading each parquet footer")
-    for p in (dl, st):
-        p.add_argument("--dataset", default="fineweb", choices=sorted(DATASETS),
-                       help="fineweb: FineWeb-Edu-100B (nanochat at launch); climbmix: ClimbMix-400B (HEAD)")
-    sn = sub.add_parser("shards-needed", help="training shards a token budget needs")
+    sn = sub.add_parser("shards-needed", help="training shards a token budget needs, with the dataset's figures")
     what = sn.add_mutually_exclusive_group(required=True)
     what.add_argument("--tokens", type=float, help="training tokens, e.g. 11.2e9 for d20")
-    what.add_argument("--config", help="a config file, e.g. configs/base_d20.py")
-    sn.add_argument("--chars-per-token", type=float, default=CHARS_PER_TOKEN)
+    what.add_argument("--config", help="a config file, e.g. configs/base_d20.py (its budget and data.dataset)")
+    for p in (dl, sn):
+        p.add_argument("--chars-per-token", type=float, default=None,
+                       help="override the dataset's characters per training token (another vocabulary)")
+    for p in (dl, st, sn):
+        p.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                       help="fineweb: FineWeb-Edu-100B (nanochat at launch); climbmix: ClimbMix-400B (HEAD). "
+                            "Default: a --config's data.dataset, else fineweb")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    if args.cmd == "shards-needed":
-        if args.config:
-            args.tokens = config_tokens(args.config)
-        n = shards_needed(args.tokens, args.chars_per_token)
-        print(f"{args.tokens:.4g} tokens x {args.chars_per_token} chars/token / {CHARS_PER_SHARD:.3g} "
-              f"chars/shard = {n} training shard(s) (+1 validation shard). "
-              f"Fetch them with: {download_command(n)}")
-        return 0
+    if args.cmd == "shards-needed" or (args.cmd == "download" and args.config):
+        try:
+            n, args.dataset, line = shard_plan(args.tokens if args.cmd == "shards-needed" else None, args.config,
+                                               args.dataset, args.chars_per_token)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if args.cmd == "shards-needed":
+            print(f"{line}. Fetch them with: {download_command(n, dataset=args.dataset)}")
+            return 0
+        print(line)
+        args.num_shards = n
+    args.dataset = args.dataset or "fineweb"
     if args.cmd == "download":
-        if args.config:
-            args.num_shards = shards_needed(config_tokens(args.config))
         val_shard = DATASETS[args.dataset].val_shard
         if not 0 <= args.num_shards <= val_shard:
             ap.error(f"-n must be in 0..{val_shard}")
@@ -469,9 +527,10 @@ def main(argv=None) -> int:
     if s["indices"]:
         print(f"  shards: {_ranges(s['indices'])}")
     if "val_file" in s:
-        tokens = s['train_files'] * CHARS_PER_SHARD / CHARS_PER_TOKEN
-        print(f"  train: {s['train_files']} file(s) (~{tokens / 1e9:.1f}B tokens if FineWeb-Edu shards); "
-              f"val: {pathlib.PurePath(s['val_file']).name}")
+        info = DATASETS[args.dataset]
+        tokens = s['train_files'] * info.chars_per_shard / info.chars_per_token
+        print(f"  train: {s['train_files']} file(s) (~{tokens / 1e9:.3g}B tokens if {args.dataset} shards, "
+              f"{info.chars_per_token} chars/token); val: {pathlib.PurePath(s['val_file']).name}")
     for c in s["corrupt"]:
         print(f"  CORRUPT: {c}")
     for c in s["leftovers"]:
