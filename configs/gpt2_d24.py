@@ -14,4 +14,5 @@ def get_config():
     c.data.tokenizer_dir = ""
     c.train.target_param_data_ratio = 8.0
     c.train.device_batch_size = 16
+    c.train.core_every = 2000  # CORE on 500 examples per task every 2000 steps and at the end (base_train.py)
     return c

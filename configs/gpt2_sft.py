@@ -14,8 +14,9 @@ unembedding and matrix LRs. The run logs a note for any of them that differs fro
 from (a pretraining run launched with other values needs the same flags here). What SFT changes is
 `nanojax.config.use_nanochat_head_sft`: LRs × 0.8 and not scaled by the batch, no warmup, the last half
 linearly to 0, Muon weight decay 0, Muon momentum 0.85 -> 0.95 over 300 steps, momenta warm-started from the
-base checkpoint. Validation bpb every 200 steps on 40 × 524,288 tokens. HEAD also estimates ChatCORE every 200
-steps; here evaluate the result: python -m nanojax.evaluate --run=$NANOJAX_HOME/runs/gpt2_chat
+base checkpoint. Validation bpb every 200 steps on 40 × 524,288 tokens, and ChatCORE (ARC-E/C, MMLU, GSM8K,
+HumanEval: every categorical problem, 24 generative ones) every 200 steps and at the end, as HEAD
+(train.chatcore_every); the full evaluation of the result: python -m nanojax.evaluate $NANOJAX_HOME/runs/gpt2_chat
 """
 import pathlib
 

@@ -91,6 +91,14 @@ def default_config() -> ml_collections.ConfigDict:
     t.log_every = 10
     t.eval_every = 250  # steps; 0 disables
     t.eval_tokens = 20 * 524_288
+    # evaluations in the run (nanojax.train_evals), also at the last step; 0 disables
+    t.core_every = 0  # CORE every N steps (nanochat's base_train.py: 2000)
+    t.core_max_per_task = 500  # examples per CORE task (base_train.py: 500; -1: all)
+    t.eval_bundle = ""  # CORE eval bundle directory ("": downloaded once to $NANOJAX_HOME/data/eval_bundle)
+    t.chatcore_every = 0  # ChatCORE: ARC-E/C, MMLU, GSM8K, HumanEval every N steps (HEAD's chat_sft.py: 200)
+    t.chatcore_max_categorical = -1  # problems per categorical task (-1: all, as HEAD)
+    t.chatcore_max_generative = 24  # problems per generative task (HEAD: 24)
+    t.chatcore_tasks = ""  # "": ChatCORE's five; or a subset, e.g. "mmlu, gsm8k" (a partial ChatCORE)
     t.checkpoint_every = 1000  # steps; 0: only the final checkpoint (and on SIGTERM)
     t.max_to_keep = 2
     t.async_checkpointing = True
@@ -191,11 +199,13 @@ def use_nanochat_head_sft(c: ml_collections.ConfigDict) -> ml_collections.Config
     """HEAD's SFT (scripts/chat_sft.py) on a pretraining config whose model, batch and LRs it keeps (HEAD inherits
     them from the checkpoint): best-fit packed conversations, one epoch, every LR x 0.8 (--init-lr-frac) and not
     scaled by the batch, no warmup, the last half to 0, Muon weight decay 0, Muon momentum 0.85 -> 0.95 over 300
-    steps, the optimizer's momenta warm-started from train.init_from (--load-optimizer=1)."""
+    steps, the optimizer's momenta warm-started from train.init_from (--load-optimizer=1), ChatCORE every 200
+    steps."""
     c.data.kind, c.data.packing = "sft", "bestfit"
     t, o = c.train, c.optim
     t.init_optimizer_state, t.num_iterations = True, -1
     t.warmdown_ratio, t.final_lr_frac = 0.5, 0.0
+    t.core_every, t.chatcore_every = 0, 200  # ChatCORE every 200 steps (all categorical problems, 24 generative)
     o.lr_scale, o.scale_lr_by_batch, o.warmup_steps, o.weight_decay = 0.8, False, 0, 0.0
     o.muon_momentum_start, o.muon_momentum_end, o.muon_momentum_final = 0.85, 0.95, 0.95
     o.muon_momentum_warmup_steps = 300
@@ -437,6 +447,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 # -- validation: one table, one line per bad value --------------------------------------------------
 _GE1 = (lambda v: v >= 1, "≥ 1")
+_ALL = (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (all)")
 _GE0 = (lambda v: not v < 0, "≥ 0")  # a NaN learning rate passes: the loop stops it at step 1 (non-finite, exit 1)
 _GT0 = (lambda v: v > 0, "> 0")
 _AUTO = (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (derived)")
@@ -490,6 +501,8 @@ RULES = {
     "train.final_lr_frac": _FRACTION, "train.grad_clip": _GE0, "train.log_every": _GE1,
     "train.eval_every": (lambda v: v >= 0, "≥ 0 (0: no evaluation)"), "train.eval_tokens": _GE0,
     "train.checkpoint_every": (lambda v: v >= 0, "≥ 0 (0: only the final checkpoint)"),
+    "train.core_every": _GE0, "train.chatcore_every": _GE0, "train.core_max_per_task": _ALL,
+    "train.chatcore_max_categorical": _ALL, "train.chatcore_max_generative": _ALL,
     "train.max_to_keep": _GE1, "train.init_from_step": (lambda v: v >= -1, "≥ 0, or -1 (latest)"),
     "train.stop_after_steps": (lambda v: v == -1 or v >= 1, "≥ 1, or -1 (no early stop)"),
     "train.profile": (_profile_range, "\"\" or START:STOP with 1 ≤ START ≤ STOP"),

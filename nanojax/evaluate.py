@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import json
@@ -31,7 +32,7 @@ import math
 import pathlib
 import time
 from functools import partial
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -370,6 +371,61 @@ def write_results(run_dir: pathlib.Path, new: dict) -> tuple[pathlib.Path, pathl
     return jpath, mpath
 
 
+# ----------------------------------------------------------------------------------- several tasks
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """How `evaluate_tasks` runs: the CLI's flags, or the training loop's in-run evaluations (train_evals)."""
+    max_per_task: int = -1  # first N examples of every task (-1: all)
+    max_categorical: int | None = None  # overrides max_per_task for categorical chat tasks (HEAD's SFT: -1)
+    max_generative: int | None = None  # ... for generative ones (HEAD's SFT: 24)
+    bundle_dir: str | None = None  # CORE's eval bundle (None: download to $NANOJAX_HOME/data/eval_bundle)
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # local task data
+    batch_size: int = 8
+    core_batch_rows: int = 32
+    max_new_tokens: int = 512
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_k: int = 50
+    bpb_tokens: int | None = None
+
+    def limit(self, kind: str) -> int | None:
+        """Problems of a chat task of this eval type: None for all."""
+        n = {"categorical": self.max_categorical, "generative": self.max_generative}.get(kind)
+        n = self.max_per_task if n is None else n
+        return None if n is None or n < 0 else n
+
+
+def evaluate_tasks(model, tokenizer, config, tasks: Sequence[str], opts: EvalOptions = EvalOptions()) -> dict:
+    """{task: result} for canonical task names (`parse_tasks`), each result with its "seconds"."""
+    results: dict = {}
+    engine = None
+    for name in tasks:
+        t = time.time()
+        if name == "core":
+            r = evaluate_core(model, tokenizer, max_per_task=opts.max_per_task, bundle_dir=opts.bundle_dir,
+                              batch_rows=opts.core_batch_rows)
+            log(f"CORE {r['core_metric']:.4f}")
+        elif name == "bpb":
+            r = evaluate_bpb(model, tokenizer, config, tokens=opts.bpb_tokens)
+            log(f"val bpb {r['bpb']:.4f}")
+        else:
+            task = eval_task(name, opts.sources)
+            if task.eval_type == "categorical":
+                r = evaluate_categorical(model, tokenizer, task, max_problems=opts.limit("categorical"),
+                                         batch_size=opts.batch_size, desc=DISPLAY[name])
+            else:
+                if engine is None:  # one for every generative task: each host's own whole copy of the model
+                    engine = Engine(host_copy(model), tokenizer)
+                r = evaluate_generative(model, tokenizer, task, engine=engine, max_problems=opts.limit("generative"),
+                                        batch_size=opts.batch_size, num_samples=opts.num_samples,
+                                        max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                                        top_k=opts.top_k, desc=DISPLAY[name])
+            log(f"{DISPLAY[name]}: {r['accuracy']:.4f} ({r['passed']}/{r['total']})" + format_note(task, r))
+        r["seconds"] = time.time() - t
+        results[name] = r
+    return results
+
+
 # ----------------------------------------------------------------------------------- CLI
 def parse_tasks(spec: str) -> list[str]:
     """Canonical names of a --tasks list: base evals, chat evals in either spelling, or 'all' / 'chat'."""
@@ -432,33 +488,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tasks = list(CHAT_TASKS if canonical_kind(config.data.kind) in CONVERSATION_KINDS else BASE_TASKS)
     log(f"loaded {args.run} step {step} in {time.time() - t0:.1f}s on {mesh.size} device(s), "
         f"{jax.process_count()} process(es); tasks: {', '.join(tasks)}")
-    max_problems = None if args.max_per_task is None or args.max_per_task < 0 else args.max_per_task
-    results: dict = {}
-    engine = None
-    for name in tasks:
-        t = time.time()
-        if name == "core":
-            r = evaluate_core(model, tokenizer, max_per_task=args.max_per_task, bundle_dir=args.eval_bundle,
-                              batch_rows=args.core_batch_rows)
-            log(f"CORE {r['core_metric']:.4f}")
-        elif name == "bpb":
-            r = evaluate_bpb(model, tokenizer, config, tokens=args.bpb_tokens)
-            log(f"val bpb {r['bpb']:.4f}")
-        else:
-            task = eval_task(name, sources)
-            if task.eval_type == "categorical":
-                r = evaluate_categorical(model, tokenizer, task, max_problems=max_problems,
-                                         batch_size=args.batch_size, desc=DISPLAY[name])
-            else:
-                if engine is None:  # one for every generative task: each host's own whole copy of the model
-                    engine = Engine(host_copy(model), tokenizer)
-                r = evaluate_generative(model, tokenizer, task, engine=engine, max_problems=max_problems,
-                                        batch_size=args.batch_size, num_samples=args.num_samples,
-                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                        top_k=args.top_k, desc=DISPLAY[name])
-            log(f"{DISPLAY[name]}: {r['accuracy']:.4f} ({r['passed']}/{r['total']})" + format_note(task, r))
-        r["seconds"] = time.time() - t
-        results[name] = r
+    opts = EvalOptions(max_per_task=args.max_per_task, bundle_dir=args.eval_bundle, sources=sources,
+                       batch_size=args.batch_size, core_batch_rows=args.core_batch_rows,
+                       max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+                       temperature=args.temperature, top_k=args.top_k, bpb_tokens=args.bpb_tokens)
+    results = evaluate_tasks(model, tokenizer, config, tasks, opts)
     results["_meta"] = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds"),
                         "max_per_task": args.max_per_task, "backend": jax.default_backend()}
     if jax.process_index() == 0:  # every host holds the same results

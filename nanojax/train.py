@@ -35,6 +35,7 @@ from nanojax.optim import build_optimizer, current_lrs, current_muon_momentum
 from nanojax.profiling import StepProfiler
 from nanojax.remat import choose_remat, peak_bytes
 from nanojax.tokenizer import load_for_config, tokenizer_dir_for
+from nanojax.train_evals import LoopEvals
 
 
 def setup_jax():
@@ -446,6 +447,7 @@ def run(config) -> dict:
         log(f"run already complete: step {step} of {derived.num_iterations}")
         ckptr.close()
         return {"step": step}
+    evals = LoopEvals.from_config(config, tokenizer)  # CORE bundle and chat tasks ready, or one clear error
     it = make_iterator(config, split="train", batch_size=derived.global_micro_batch // jax.process_count(),
                        process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
     if data_state:
@@ -456,7 +458,8 @@ def run(config) -> dict:
     try:
         with StopFlag() as stop:
             step = train_loop(state, params, opt_state, step, it, ckptr, reporter, stop,
-                              lambda at: checkpoint_meta(config, derived, source, tokenizer, at), tokenizer, profiler)
+                              lambda at: checkpoint_meta(config, derived, source, tokenizer, at), tokenizer, profiler,
+                              evals)
     finally:  # pending async saves of good checkpoints complete even when the run fails
         profiler.close()
         ckptr.close()
@@ -468,7 +471,8 @@ def run(config) -> dict:
 
 
 def train_loop(state: TrainState, params, opt_state, step: int, it, ckptr, reporter: StepReporter,
-               stop: StopFlag, meta, tokenizer, profiler: StepProfiler | None = None) -> int:
+               stop: StopFlag, meta, tokenizer, profiler: StepProfiler | None = None,
+               evals: LoopEvals | None = None) -> int:
     """Steps until the last iteration or a stop (signal, `train.stop_after_steps`); evaluates and saves on
     schedule, and never checkpoints a state whose loss has not been checked. Returns the step reached."""
     t, total = state.config.train, state.derived.num_iterations
@@ -487,6 +491,9 @@ def train_loop(state: TrainState, params, opt_state, step: int, it, ckptr, repor
         if t.eval_every and (step % t.eval_every == 0 or step == total):
             reporter.flush()
             reporter.evaluation(step, validation_metrics(state, params, tokenizer))
+        if evals is not None and evals(step, total):
+            reporter.flush()
+            reporter.evaluation(step, evals.run(state.model(params), step, total))
         stop_now = stop.should_stop() or 0 < t.stop_after_steps <= steps_this_run
         if step == total or stop_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
             reporter.flush()

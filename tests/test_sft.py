@@ -188,7 +188,7 @@ def _head_sft(tmp_path, gsm_like, head_base, name):
     c = use_nanochat_head_sft(_sft(tmp_path, gsm_like, head_base.run_dir, name))
     c.model = head_base.model
     c.optim.kind, c.train.grad_clip = "head", 0.0
-    c.train.num_iterations, c.train.eval_every = -1, 0
+    c.train.num_iterations, c.train.eval_every, c.train.chatcore_every = -1, 0, 0  # (ChatCORE: test_train_evals)
     c.data.sft_bestfit_buffer = 16
     return c
 
@@ -226,6 +226,8 @@ def test_head_sft_configs():
     assert (o.kind, o.lr_scale, o.scale_lr_by_batch, o.warmup_steps, o.weight_decay) == ("head", 0.8, False, 0, 0.0)
     assert (o.muon_momentum_start, o.muon_momentum_end, o.muon_momentum_final) == (0.85, 0.95, 0.95)
     assert (t.num_iterations, t.warmdown_ratio, t.final_lr_frac, t.init_optimizer_state) == (-1, 0.5, 0.0, True)
+    assert (t.core_every, t.chatcore_every, t.chatcore_max_categorical, t.chatcore_max_generative) == (0, 200, -1, 24)
+    assert load_config_file("gpt2_d24").train.core_every == load_config_file("base_d20").train.core_every == 2000
     base = load_config_file("gpt2_d24")
     for key in ("model", "mesh"):
         assert sft[key].to_dict() == base[key].to_dict()
