@@ -202,6 +202,12 @@ def test_head_sft_counts_its_epoch_warm_starts_and_resumes_exactly(tmp_path, gsm
     epoch = count_epoch(full, tok)
     assert full.train.num_iterations == epoch["steps_per_epoch"] >= 3  # filled in, and recorded in config.json
     assert epoch["rows"] < epoch["conversations"]  # packed: several conversations per row
+    auto = _head_sft(tmp_path, gsm_like, head_base, "head_auto")
+    auto.train.total_batch_size = -1  # HEAD's automatic batch: resolved before the epoch is cut into steps
+    counted = count_epoch(auto, tok)
+    tokens = auto.train.total_batch_size
+    assert tokens > 0 and tokens & (tokens - 1) == 0 and counted["rows"] == epoch["rows"]
+    assert counted["steps_per_epoch"] == epoch["rows"] // (tokens // 128)
     records = _records(full.run_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == epoch["steps_per_epoch"] and losses[-1] < losses[0]

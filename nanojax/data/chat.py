@@ -573,6 +573,10 @@ def count_epoch(config, tokenizer, *, progress: bool = False) -> dict:
     rows are conversations, or best-fit packed rows of one stream (`data.packing=bestfit`); midtraining steps
     are the stream's tokens over the batch."""
     d, seq_len = config.data, config.model.seq_len
+    if config.train.total_batch_size == -1 and config.optim.get("kind") == "head":
+        from nanojax.optim_head import fill_head_batch  # (lazy: it builds the model to count parameters)
+
+        fill_head_batch(config)  # HEAD's automatic batch, which the epoch is cut into
     dataset = build_mixture(d.train_tasks, d.task_sources, d.mixture_seed)
     kind = canonical_kind(d.kind)
     packed = kind == "sft" and d.packing == "bestfit"
@@ -607,10 +611,6 @@ def fill_epoch_iterations(config, tokenizer) -> None:
     conversation rendered once; the count does not depend on the device or process count)."""
     if canonical_kind(config.data.kind) not in EPOCH_KINDS or config.train.num_iterations != -1:
         return
-    if config.train.total_batch_size == -1 and config.optim.get("kind") == "head":
-        from nanojax.optim_head import fill_head_batch  # (lazy: it builds the model to count parameters)
-
-        fill_head_batch(config)  # the batch the epoch is cut into
     stats = count_epoch(config, tokenizer, progress=True)
     if stats["steps_per_epoch"] < 1:
         raise ValueError(f"train.num_iterations=-1 (one epoch): the train mixture {config.data.train_tasks!r} fills "
