@@ -6,7 +6,8 @@ row, loss on assistant tokens only (targets −1 elsewhere), rows padded to a po
 32 conversations per step (total_batch_size = 32 rows × 2048; 4 rows per device: no accumulation on 8
 devices, 8 micro-steps on 1), one epoch = 20,843 // 32 = 651 steps. LR = base LRs × 0.02, linearly to 0
 over the whole run; Muon momentum constant 0.95 (nanochat's SFT sets no momentum schedule). Everything else
-(model d20, context 2048, optimizer) is the default (nanojax.config.default_config).
+(model d20, context 2048, optimizer) is the default (nanojax.config.default_config). As nanochat, MMLU and ARC-Easy
+(1,024 problems) and GSM8K and HumanEval (64) are scored every 200 steps and at the end (train.chatcore_every).
 
 The seed's two-stage path (skip midtraining): --config.train.init_from=$NANOJAX_HOME/runs/base_d20
 """
@@ -35,6 +36,9 @@ def get_config():
     t.eval_every = 100
     t.eval_tokens = 100 * EXAMPLES_PER_STEP * seq_len  # 100 batches of 32 conversations (nanochat: 100 × 4 × 8)
     t.checkpoint_every = 0
+    # nanochat's chat_sft.py every 200 steps and at the end: MMLU and ARC-Easy (1,024 problems), GSM8K and HumanEval
+    t.chatcore_every, t.chatcore_tasks = 200, "mmlu, arc_easy, gsm8k, humaneval"  # (64): chat_<task> in metrics
+    t.chatcore_max_categorical, t.chatcore_max_generative = 1024, 64
     o = c.optim
     o.lr_scale = 0.02
     o.muon_momentum_start = o.muon_momentum_end  # constant 0.95

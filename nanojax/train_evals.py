@@ -4,7 +4,7 @@ pretraining (base_train.py, launch and HEAD: 2000 steps, 500 examples per task) 
 ones), each also at the last step. They are `nanojax.evaluate`'s own functions on the training parameters where
 they already are (any mesh, every host), and their numbers go to metrics.jsonl and the step log: `core`, and
 `chatcore`, `chatcore_cat` (categorical tasks only, as HEAD logs) plus each task's accuracy (`chat_<task>`);
-`train.chatcore_tasks` picks a subset (a partial ChatCORE).
+`train.chatcore_tasks` picks a subset (then logged as `chatcore_partial` / `chatcore_cat_partial`).
 
 What they need is checked before the run's files change: the CORE bundle (downloaded once to
 $NANOJAX_HOME/data/eval_bundle, or `train.eval_bundle`) and every chat task's data (`data.task_sources` for
@@ -57,8 +57,9 @@ class LoopEvals:
             out["core"] = r["core_metric"]
         if due(self.chatcore_every, step, total):
             results = evaluate_tasks(model, self.tokenizer, self.config, self.chat_tasks, self.chat_opts)
-            out["chatcore"] = chatcore(results)["accuracy"]
+            partial = "" if set(self.chat_tasks) == set(EVAL_TASKS) else "_partial"  # not comparable to ChatCORE
+            out[f"chatcore{partial}"] = chatcore(results)["accuracy"]
             if self.categorical:
-                out["chatcore_cat"] = chatcore({k: results[k] for k in self.categorical})["accuracy"]
+                out[f"chatcore_cat{partial}"] = chatcore({k: results[k] for k in self.categorical})["accuracy"]
             out.update({f"chat_{k}": r["accuracy"] for k, r in results.items()})
         return out

@@ -128,6 +128,9 @@ def test_stage2_configs_are_valid():
     assert d.grad_accum_steps == 1 and d.global_micro_batch == 32 and d.num_iterations == 651
     assert derive(sft, 1).grad_accum_steps == 8  # 32 conversations per step on one device too
     assert sft.optim.lr_scale == 0.02 and sft.train.warmdown_ratio == 1.0 and sft.run_name == "chat_d20"
+    t = sft.train  # chat_sft.py's in-run evaluations
+    assert (t.chatcore_every, t.chatcore_max_categorical, t.chatcore_max_generative) == (200, 1024, 64)
+    assert [s.strip() for s in t.chatcore_tasks.split(",")] == ["mmlu", "arc_easy", "gsm8k", "humaneval"]
     assert sft.train.init_from.endswith(os.path.join("runs", "mid_d20"))
     assert sft.data.kind == "sft" and parse_mixture(sft.data.train_tasks) == parse_mixture(  # as before the rename
         "arc/ARC-Easy:train, arc/ARC-Challenge:train, gsm8k/main:train, smoltalk:train[:10000]")
