@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 PROCESS_STATES = "process_states"  # DataStateHandler.restore -> {PROCESS_STATES: [state of process 0, 1, ...]}
 
 
@@ -63,6 +65,11 @@ def share_rows(rows: Mapping[str, Any], share: Share) -> Mapping[str, Any]:
         return rows
     n = len(next(iter(rows.values()))) // share.parts
     return {k: v[share.part * n:(share.part + 1) * n] for k, v in rows.items()}
+
+
+def concat_rows(parts: list[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The rows of several streams' shares of one micro-batch, in stream order, as one micro-batch."""
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def describe(stream_count: int, owned: list[Share]) -> str:

@@ -177,9 +177,8 @@ class BestFitSFTSource:
     def next_batch(self) -> dict[str, np.ndarray]:
         if self.finite and all(p.dry for p in self.packers.values()):
             raise StopIteration
-        parts = [layout.share_rows(self.packers[share.stream].take(self.stream_rows), share)
-                 for share in self.shares]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return layout.concat_rows([layout.share_rows(self.packers[share.stream].take(self.stream_rows), share)
+                                   for share in self.shares])
 
     def get_state(self) -> dict:
         packers = list(self.packers.values())
