@@ -7,7 +7,11 @@ layer 1 full with a value embedding, plus smear, backout and the per-layer lambd
 """
 import json
 import math
+import os
+import pathlib
 import random
+import subprocess
+import sys
 from functools import partial
 
 import jax
@@ -17,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from helpers import CHAT_TEXT, micro_config
+from helpers import CHAT_TEXT, ROOT, load_config_file, micro_config
 from nanojax import chat_cli, report
 from nanojax import engine as eng
 from nanojax import evaluate as ev
@@ -29,6 +33,7 @@ from nanojax.data import fineweb
 from nanojax.engine import generate_naive
 from nanojax.model import GPT
 from nanojax.tokenizer import Tokenizer
+from nanojax.train import run
 
 SEQ_LEN, STEPS, WINDOW = 256, 20, 128
 # a user message long enough that the chat prompt passes the 128-token window (checked in the test)
@@ -39,8 +44,6 @@ LONG_MESSAGE = "one two three four five six seven eight " * 7
 def head_run(tmp_path_factory):
     """One trained HEAD-family micro run: {"dir", "tok", "config", "root"}. Its own NANOJAX_HOME while training (the
     per-test one of conftest does not exist yet for a module fixture)."""
-    from nanojax.train import run
-
     root = tmp_path_factory.mktemp("head_run")
     tok = Tokenizer.train(CHAT_TEXT, 300)
     tok.save(root / "tokenizer")
@@ -286,3 +289,32 @@ def test_report_renders_the_head_run(head_run, evaluated, metrics, tmp_path):
     assert f"| tokenizer | vocab 300, `{head_run['config'].data.tokenizer_dir}`" in text
     assert f"| val bpb | {out['bpb']['bpb']:.4f} |" in text and "| MMLU |" in text and "| GSM8K |" in text
     assert "![training loss](loss.png)" in text or "matplotlib is not installed" in text
+
+
+@pytest.mark.slow
+def test_tiny_gpt2_config_trains_and_resumes_through_the_cli(head_run, tmp_path):
+    """`python -m nanojax.train --config=configs/tiny_gpt2.py` as a user runs it (only the data, its tokenizer's
+    size and the step count overridden): stopped after 2 steps, the same command resumes, and the losses equal an
+    uninterrupted run's."""
+    root = head_run["root"]
+    overrides = {"data.path": root / "shards", "data.tokenizer_dir": root / "tokenizer",
+                 "model.vocab_size": head_run["tok"].vocab_size, "train.num_iterations": 3, "train.eval_every": 0,
+                 "train.checkpoint_every": 0, "train.async_checkpointing": False}
+    cmd = [sys.executable, "-m", "nanojax.train", f"--config={ROOT / 'configs' / 'tiny_gpt2.py'}",
+           f"--config.run_dir={tmp_path / 'parted'}", *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    env = {**os.environ, "NANOJAX_HOME": str(tmp_path / "home")}
+    for extra in (["--config.train.stop_after_steps=2"], []):
+        out = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout + out.stderr
+    c = load_config_file("tiny_gpt2")
+    c.run_dir = str(tmp_path / "full")
+    for k, v in overrides.items():
+        section, name = k.split(".")
+        c[section][name] = type(c[section][name])(v) if not isinstance(v, pathlib.Path) else str(v)
+    run(c)
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
+              for d in ("full", "parted")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    saved = json.loads((tmp_path / "parted" / "config.json").read_text())
+    assert (saved["model"]["family"], saved["optim"]["kind"], saved["data"]["packing"]) == ("head", "head", "bestfit")
