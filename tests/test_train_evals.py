@@ -71,3 +71,11 @@ def test_missing_eval_data_fails_before_the_run_starts(tmp_path, sources):
     with pytest.raises(FileNotFoundError, match="allenai/ai2_arc"):
         run(c)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_synthetic_data_run_skips_them_with_a_note(tmp_path, capsys):
+    c = micro_config(tmp_path / "run", steps=2)
+    c.train.core_every = c.train.chatcore_every = 1  # a base config's settings on a smoke run
+    assert run(c)["step"] == 2
+    assert "core_every / train.chatcore_every skipped" in capsys.readouterr().out
+    assert not any('"core"' in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
