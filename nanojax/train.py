@@ -28,6 +28,7 @@ from nanojax import paths
 from nanojax import sharding as shd
 from nanojax.console import log, quiet_library_logs
 from nanojax.data import canonical_kind, make_iterator
+from nanojax.data.kinds import EPOCH_KINDS
 from nanojax.data.chat import fill_epoch_iterations
 from nanojax.loggers import MetricsLoggers, logger_names
 from nanojax.model import GPT, eval_sums
@@ -419,6 +420,23 @@ def open_run_records(config, log_dir: str, step: int) -> None:
         log(f"metrics.jsonl: dropped {dropped} record(s) past step {step}, which runs again")
 
 
+def epoch_length(config, tokenizer, run_dir: str) -> None:
+    """train.num_iterations=-1 in a conversation stage: the epoch length the run started with (its newest
+    checkpoint's config), else counted now by rendering the mixture (`fill_epoch_iterations`, minutes for
+    HEAD's ~790K conversations), so a resume neither waits for the count nor changes the LR schedule."""
+    if config.train.num_iterations != -1 or canonical_kind(config.data.kind) not in EPOCH_KINDS:
+        return
+    try:
+        saved = ckpt.read_meta(run_dir)[0].get("config", {}).get("train", {}).get("num_iterations", -1)
+    except (FileNotFoundError, ValueError):  # no checkpoint yet (or a damaged newest one): count
+        saved = -1
+    if saved > 0:
+        config.train.num_iterations = saved
+        log(f"one epoch = {saved:,} steps (counted when the run started)")
+    else:
+        fill_epoch_iterations(config, tokenizer)
+
+
 def run(config) -> dict:
     """Train (or resume) the run described by `config`; returns the final metrics. Bad input (a config value, a
     data file, a tokenizer) fails before the run's files change: config.json and metrics.jsonl are written only
@@ -432,7 +450,7 @@ def run(config) -> dict:
     setup_jax()
     mesh = shd.make_mesh(config.mesh)
     tokenizer = load_for_config(config)
-    fill_epoch_iterations(config, tokenizer)
+    epoch_length(config, tokenizer, run_dir_for(config))
     derived = cfglib.derive(config, mesh.size)
     run_dir = run_dir_for(config)
     log(f"run {config.run_name} -> {run_dir}\n{derived.summary()}\nmesh: {dict(mesh.shape)}")
