@@ -25,6 +25,7 @@ conversations: exact resume, on any device or process count that `nanojax.data.l
 """
 from __future__ import annotations
 
+import collections
 from typing import Any, Mapping
 
 import numpy as np
@@ -37,31 +38,6 @@ HEAD_RENDER_MAX_TOKENS = 2048  # HEAD's render_conversation default
 
 def max_conversation_tokens(seq_len: int) -> int:
     return min(HEAD_RENDER_MAX_TOKENS, seq_len + 1)
-
-
-def count_rows(lengths, *, seq_len: int, buffer_size: int) -> int:
-    """Rows one stream packs from conversations of these lengths (already cut), read once: `BestFitRows` on
-    lengths alone, for counting an epoch without holding every conversation's tokens."""
-    capacity, buffer, k, rows = seq_len + 1, [], 0, 0
-    lengths = [n for n in lengths if n]
-    while True:
-        used = 0
-        while True:
-            while len(buffer) < buffer_size and k < len(lengths):
-                buffer.append(lengths[k])
-                k += 1
-            best, best_len = -1, 0
-            for i, n in enumerate(buffer):
-                if best_len < n <= capacity - used:
-                    best, best_len = i, n
-            if best < 0:
-                break
-            used += buffer.pop(best)
-            if used == capacity:
-                break
-        if not used:
-            return rows
-        rows += 1
 
 
 class BestFitRows:
@@ -200,3 +176,25 @@ class BestFitSFTSource:
         self._arrange(count)
         for s, packer in self.packers.items():
             packer.set_state(saved[s])
+
+
+class _Lengths:
+    """A stream of placeholder conversations of the given lengths: what `count_rows` packs."""
+    stream, dataset = 0, "conversation lengths"
+
+    def __init__(self, lengths):
+        self.lengths, self.per_epoch = lengths, len(lengths)
+        self.stats = collections.Counter()
+
+    def render(self, k: int) -> tuple[list[int], list[int]]:
+        return [0] * self.lengths[k], [0] * self.lengths[k]
+
+
+def count_rows(lengths, *, seq_len: int, buffer_size: int) -> int:
+    """Rows one stream packs from conversations of these lengths (already cut), read once: `BestFitRows` itself
+    on placeholder tokens, for counting an epoch without holding every conversation's tokens."""
+    packer = BestFitRows(_Lengths(list(lengths)), seq_len=seq_len, buffer_size=buffer_size, bos=0, finite=True)
+    rows = 0
+    while packer.row() is not None:
+        rows += 1
+    return rows
