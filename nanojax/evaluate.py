@@ -395,8 +395,10 @@ class EvalOptions:
         return None if n is None or n < 0 else n
 
 
-def evaluate_tasks(model, tokenizer, config, tasks: Sequence[str], opts: EvalOptions = EvalOptions()) -> dict:
-    """{task: result} for canonical task names (`parse_tasks`), each result with its "seconds"."""
+def evaluate_tasks(model, tokenizer, config, tasks: Sequence[str], opts: EvalOptions = EvalOptions(),
+                   built: Mapping | None = None) -> dict:
+    """{task: result} for canonical task names (`parse_tasks`), each result with its "seconds"; `built` holds
+    chat tasks already read ({name: task}), which a caller evaluating again and again passes."""
     results: dict = {}
     engine = None
     for name in tasks:
@@ -409,7 +411,7 @@ def evaluate_tasks(model, tokenizer, config, tasks: Sequence[str], opts: EvalOpt
             r = evaluate_bpb(model, tokenizer, config, tokens=opts.bpb_tokens)
             log(f"val bpb {r['bpb']:.4f}")
         else:
-            task = eval_task(name, opts.sources)
+            task = (built or {}).get(name) or eval_task(name, opts.sources)
             if task.eval_type == "categorical":
                 r = evaluate_categorical(model, tokenizer, task, max_problems=opts.limit("categorical"),
                                          batch_size=opts.batch_size, desc=DISPLAY[name])

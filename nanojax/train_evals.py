@@ -33,8 +33,9 @@ class LoopEvals:
         bundle = core.ensure_bundle(t.eval_bundle or None) if self.core_every else None
         self.core_opts = EvalOptions(max_per_task=t.core_max_per_task, bundle_dir=str(bundle) if bundle else None)
         self.chat_tasks = [eval_name(s.strip()) for s in t.chatcore_tasks.split(",") if s.strip()] or list(EVAL_TASKS)
-        if self.chatcore_every:  # every task's data read once now: a missing one fails before the run starts
-            self.categorical = [n for n in self.chat_tasks if eval_task(n, sources).eval_type == "categorical"]
+        # every task's data read once, now: a missing one fails before the run starts
+        self.built = {n: eval_task(n, sources) for n in self.chat_tasks} if self.chatcore_every else {}
+        self.categorical = [n for n, task in self.built.items() if task.eval_type == "categorical"]
         self.chat_opts = EvalOptions(max_categorical=t.chatcore_max_categorical,
                                      max_generative=t.chatcore_max_generative, sources=sources)
 
@@ -57,7 +58,7 @@ class LoopEvals:
             r = evaluate_tasks(model, self.tokenizer, self.config, ["core"], self.core_opts)["core"]
             out["core"] = r["core_metric"]
         if due(self.chatcore_every, step, total):
-            results = evaluate_tasks(model, self.tokenizer, self.config, self.chat_tasks, self.chat_opts)
+            results = evaluate_tasks(model, self.tokenizer, self.config, self.chat_tasks, self.chat_opts, self.built)
             partial = "" if set(self.chat_tasks) == set(EVAL_TASKS) else "_partial"  # not comparable to ChatCORE
             out[f"chatcore{partial}"] = chatcore(results)["accuracy"]
             if self.categorical:
